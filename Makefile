@@ -1,0 +1,26 @@
+# Entry points for a fresh machine with Python 3.11 and pip:  make demo  /  make test
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# Reinstall when the dependency list changes; `make install` is otherwise a no-op.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)" >&2; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+demo: install
+	$(PY) train.py configs/demo.yml
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,31 @@
+"""Metric lines: one printed line and one JSON object in `<run_dir>/metrics.jsonl` per log period."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+# Printed in this order when present; everything else follows alphabetically.
+_ORDER = ("loss", "contrastive_loss", "caption_loss", "learning_rate", "temperature", "grad_norm",
+          "step_time_s", "samples_per_s", "tflops_per_device", "mfu")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: pathlib.Path):
+        self.path = run_dir / "metrics.jsonl"
+
+    def write(self, step: int, stage: str, values: dict[str, Any]) -> None:
+        record = {"step": step, "stage": stage, **{k: (float(v) if not isinstance(v, str) else v)
+                                                    for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        keys = [k for k in _ORDER if k in values] + sorted(k for k in values if k not in _ORDER)
+        print(f"step {step} [{stage}] " + " ".join(f"{k}={_fmt(record[k])}" for k in keys), flush=True)

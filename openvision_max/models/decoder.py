@@ -1,0 +1,45 @@
+"""The caption decoder (CLIPS-style "concat" fusion): a prefix-LM over [image tokens, alt-text tokens, queries].
+
+The image and alt-text tokens are projected to the decoder width and form a bidirectional prefix; the learned
+queries attend to the whole prefix and causally among themselves, and each query position predicts one token
+of the (shifted) recaption directly: no teacher forcing, no position embedding of its own.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from openvision_max.models.layers import BATCH_LEN_EMBED, Stack, StackConfig, constrain, layer_norm, logical
+
+
+class CaptionDecoder(nn.Module):
+    stack: StackConfig           # stack.prefix_len is set by `build` from the image and text lengths
+    vocab_size: int
+    caption_length: int
+
+    @nn.compact
+    def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
+        """image_tokens [B, N, Dv], text_tokens [B, L, Dt] -> logits [B, caption_length, V] fp32."""
+        dtype = self.stack.compute_dtype
+        width = self.stack.width
+
+        def project(name: str, x: jax.Array) -> jax.Array:
+            return nn.Dense(width, use_bias=False, dtype=dtype, name=name,
+                            kernel_init=logical(nn.initializers.lecun_normal(), ("embed_in", "embed")))(x)
+
+        b = image_tokens.shape[0]
+        queries = self.param("queries", logical(nn.initializers.normal(1.0), (None, "position", "embed")),
+                             (1, self.caption_length, width))
+        x = jnp.concatenate([
+            project("image_proj", image_tokens),
+            project("text_proj", text_tokens),
+            jnp.broadcast_to(queries, (b, self.caption_length, width)).astype(dtype),
+        ], axis=1)
+        x = constrain(x, BATCH_LEN_EMBED)
+        x = Stack(self.stack, name="transformer")(x)
+        x = layer_norm("ln_final")(x[:, -self.caption_length:].astype(jnp.float32))
+        logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
+                          kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "vocab")))(x)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

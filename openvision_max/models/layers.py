@@ -1,0 +1,191 @@
+"""Building blocks shared by the three towers: pre-LN transformer blocks, stacks with scan and remat.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`) and activations are constrained with
+logical names where they are made; `logical_axis_rules` in the config maps both to mesh axes.
+Shapes: B batch, T sequence, D width, H heads, K head dim, M MLP width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from openvision_max.models import attention as attention_lib
+
+Dtype = Any
+LN_EPS = 1e-6
+BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def logical(init, names: tuple[Optional[str], ...]):
+    """An initializer whose parameter is annotated with logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+def layer_norm(name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=LN_EPS, dtype=dtype, name=name,
+        scale_init=logical(nn.initializers.ones, ("norm",)),
+        bias_init=logical(nn.initializers.zeros, ("norm",)),
+    )
+
+
+# --- Rematerialisation -----------------------------------------------------------------------------------
+# Blocks tag their matmul outputs with these names; the policies below decide which are kept for the
+# backward pass (everything else is recomputed).
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+OUT_NAMES = ("out_proj",)
+_HOST = dict(offload_src="device", offload_dst="pinned_host")
+
+
+def remat_policy(name: str):
+    """The jax checkpoint policy for a config remat_policy; None means no remat at all."""
+    cp = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "minimal": cp.dots_with_no_batch_dims_saveable,  # every weight matmul output
+        "save_qkv_proj": cp.save_only_these_names(*QKV_NAMES),
+        "save_out_proj": cp.save_only_these_names(*OUT_NAMES),
+        "save_dot_except_mlp": cp.save_only_these_names(*QKV_NAMES, *OUT_NAMES),
+        "minimal_offloaded": cp.offload_dot_with_no_batch_dims(**_HOST),
+        "save_qkv_proj_offloaded": cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=QKV_NAMES, **_HOST),
+        "save_out_proj_offloaded": cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=OUT_NAMES, **_HOST),
+    }[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """What a transformer stack needs; built per tower from the run config."""
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    remat_policy: str
+    scan_layers: bool
+    attention: str
+    dtype: str
+    gelu_tanh: bool              # text and decoder use the tanh approximation, vision the exact GELU
+    prefix_len: Optional[int] = None  # prefix-LM mask (decoder); None = bidirectional
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+class Mlp(nn.Module):
+    cfg: StackConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        kernel, bias = nn.initializers.xavier_uniform(), nn.initializers.normal(1e-6)
+        h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name="fc1",
+                     kernel_init=logical(kernel, ("embed", "mlp")), bias_init=logical(bias, ("mlp",)))(x)
+        h = checkpoint_name(h, "mlp1")
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = nn.gelu(h, approximate=cfg.gelu_tanh)
+        out = nn.Dense(cfg.width, dtype=cfg.compute_dtype, name="fc2",
+                       kernel_init=logical(kernel, ("mlp", "embed")), bias_init=logical(bias, ("embed",)))(h)
+        return checkpoint_name(out, "mlp2")
+
+
+class HeadProjection(nn.Module):
+    """Dense layer between [..., D] and [..., H, K] with a kernel stored in its multi-axis shape.
+
+    (flax's DenseGeneral initialises a flat kernel and reshapes it, which breaks its logical names.)
+    """
+    features: tuple[int, ...]
+    in_axes: int
+    kernel_names: tuple[str, ...]
+    bias_names: tuple[str, ...]
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*x.shape[x.ndim - self.in_axes:], *self.features)
+        kernel = self.param("kernel", logical(nn.initializers.normal(0.02), self.kernel_names), shape)
+        bias = self.param("bias", logical(nn.initializers.zeros, self.bias_names), self.features)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_axes)
+        return y + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: StackConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        heads, head_dim = cfg.num_heads, cfg.width // cfg.num_heads
+        qkv_names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+        def project(name: str) -> jax.Array:
+            y = HeadProjection((heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
+                               cfg.compute_dtype, name=name)(x)
+            return constrain(checkpoint_name(y, name + "_proj"), qkv_names)
+
+        q, k, v = project("query"), project("key"), project("value")
+        out = attention_lib.get(cfg.attention)(q, k, v, prefix_len=cfg.prefix_len)
+        out = constrain(out, qkv_names)
+        out = HeadProjection((cfg.width,), 2, ("heads", "kv", "embed"), ("embed",), cfg.compute_dtype,
+                             name="out")(out)
+        return checkpoint_name(out, "out_proj")
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)). Returns (x, None) for nn.scan."""
+    cfg: StackConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        dtype = self.cfg.compute_dtype
+        x = x + Attention(self.cfg, name="attn")(layer_norm("ln_1", dtype)(x))
+        x = constrain(x, BATCH_LEN_EMBED)
+        x = x + Mlp(self.cfg, name="mlp")(layer_norm("ln_2", dtype)(x))
+        return constrain(x, BATCH_LEN_EMBED), None
+
+
+class Stack(nn.Module):
+    """`depth` blocks, scanned (one compiled body, params stacked on a `layers` axis) or unrolled."""
+    cfg: StackConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        block = Block
+        policy = remat_policy(cfg.remat_policy)
+        if cfg.remat_policy != "none":
+            # prevent_cse is only needed outside scan; inside it would block useful optimisations.
+            block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(cfg, name="blocks")(x, None)
+        else:
+            for i in range(cfg.depth):
+                x, _ = block(cfg, name=f"block_{i}")(x)
+        return x
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [h * w, width] (row-major grid), as in big_vision."""
+    assert width % 4 == 0, "width must be divisible by 4 for 2-D sin-cos position embeddings"
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(width // 4) / (width // 4 - 1)
+    omega = 1.0 / (temperature ** omega)
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)

@@ -1,0 +1,98 @@
+"""OpenVision: image tower + text tower + caption decoder + learned temperature, built from the run config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from openvision_max.models.decoder import CaptionDecoder
+from openvision_max.models.layers import StackConfig, logical
+from openvision_max.models.text import TextTower
+from openvision_max.models.vision import VisionTower
+from openvision_max.schema import Config
+
+TEMPERATURE_INIT = math.log(1 / 0.07)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything the module needs, hashable (the run config holds lists, so it is not passed itself)."""
+    vision: StackConfig
+    text: StackConfig
+    decoder: StackConfig
+    patch_size: int
+    embed_dim: int
+    vocab_size: int
+    context_length: int
+    caption_length: int
+
+
+class OpenVision(nn.Module):
+    """Parameters: `vision`, `text`, `decoder`, and the temperature `t` (logit scale = exp(t))."""
+    spec: ModelSpec
+
+    def setup(self):
+        s = self.spec
+        self.vision = VisionTower(s.vision, s.patch_size, s.embed_dim)
+        self.text = TextTower(s.text, s.vocab_size, s.context_length, s.embed_dim)
+        self.decoder = CaptionDecoder(s.decoder, s.vocab_size, s.caption_length)
+        self.t = self.param("t", logical(nn.initializers.constant(TEMPERATURE_INIT), ()), ())
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, 3] normalised -> L2-normalised embeddings [B, E] fp32."""
+        return l2_normalize(self.vision(images)[0])
+
+    def encode_text(self, ids: jax.Array) -> jax.Array:
+        """ids [B, L] int32 -> L2-normalised embeddings [B, E] fp32."""
+        return l2_normalize(self.text(ids)[0])
+
+    def __call__(self, images: jax.Array, texts: jax.Array) -> dict[str, jax.Array]:
+        """images [B, H, W, 3]; texts [k * B, L] with the B alt-texts first (the decoder reads those).
+
+        Returns image_emb [B, E] and text_emb [k * B, E] (L2-normalised, fp32), caption_logits
+        [B, caption_length, V] fp32, and logit_scale = exp(t).
+        """
+        b = images.shape[0]
+        image_emb, image_tokens = self.vision(images)
+        text_emb, text_tokens = self.text(texts)
+        logits = self.decoder(image_tokens, text_tokens[:b])
+        return {
+            "image_emb": l2_normalize(image_emb),
+            "text_emb": l2_normalize(text_emb),
+            "caption_logits": logits,
+            "logit_scale": jnp.exp(self.t),
+        }
+
+
+def _stack(cfg: Config, name: str, *, gelu_tanh: bool, prefix_len: int | None = None) -> StackConfig:
+    tower = getattr(cfg, name)
+    return StackConfig(
+        width=tower.width, depth=tower.depth, mlp_dim=tower.mlp_dim, num_heads=tower.num_heads,
+        remat_policy=getattr(cfg.derived, f"{name}_remat_policy"), scan_layers=cfg.scan_layers,
+        attention=cfg.attention, dtype=cfg.dtype, gelu_tanh=gelu_tanh, prefix_len=prefix_len)
+
+
+def build(cfg: Config) -> OpenVision:
+    """The model a finalized config describes."""
+    text_tokens = cfg.text.context_length - 1
+    return OpenVision(ModelSpec(
+        vision=_stack(cfg, "vision", gelu_tanh=False),
+        text=_stack(cfg, "text", gelu_tanh=True),
+        decoder=_stack(cfg, "decoder", gelu_tanh=True, prefix_len=cfg.derived.num_patches + text_tokens),
+        patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, vocab_size=cfg.vocab_size,
+        context_length=cfg.text.context_length, caption_length=cfg.decoder.caption_length,
+    ))
+
+
+def dummy_inputs(cfg: Config, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Abstract (images, texts) of a batch: two texts per image (alt-text and a sub-caption)."""
+    return (jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), jnp.float32),
+            jax.ShapeDtypeStruct((2 * batch, cfg.text.context_length), jnp.int32))

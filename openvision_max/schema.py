@@ -1,0 +1,229 @@
+"""The typed config schema: every key a run accepts, and the values derived from them.
+
+Defaults live in exactly one place, `configs/base.yml`; the dataclasses here carry types only. The loader
+(`openvision_max.config`) checks each value against these types, then `finalize` checks combinations and
+computes the derived values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+from typing import Literal, Optional, Union
+
+ATTENTION_KINDS = ("dot_product", "flash", "cudnn")
+REMAT_POLICIES = (
+    "none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp",
+    "minimal_offloaded", "save_qkv_proj_offloaded", "save_out_proj_offloaded",
+)
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Which implementations exist per target platform. The kernel issue adds `flash`.
+ATTENTION_AVAILABLE = {
+    "cpu": ("dot_product",),
+    "tpu": ("dot_product",),
+    "gpu": ("dot_product", "cudnn"),
+}
+# Host offload needs a pinned-host memory space, which the CPU backend does not have.
+OFFLOAD_PLATFORMS = ("tpu", "gpu")
+
+RematPolicy = Literal[REMAT_POLICIES]  # type: ignore[valid-type]
+
+
+class ConfigError(ValueError):
+    """A config or command-line problem; the CLI prints it as one line and exits 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """One transformer stack (vision encoder, text encoder or caption decoder)."""
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    remat_policy: Optional[RematPolicy]  # null: use the top-level remat_policy
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTower(Tower):
+    context_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderTower(Tower):
+    caption_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Values computed from the rest of the config in `finalize`; not settable by users."""
+    run_name: str
+    platform: str                 # the platform compiled for: cpu, gpu or tpu
+    num_devices: int
+    ici_mesh_shape: tuple[int, int, int]   # (data, fsdp, tensor) within a slice
+    dcn_mesh_shape: tuple[int, int, int]   # (data, fsdp, tensor) across slices
+    batch_shards: int             # devices the batch is split over: data x fsdp, ICI x DCN
+    per_device_batch_size: int
+    peak_learning_rate: float     # base_lr x global_batch_size / 256
+    num_patches: int
+    vision_remat_policy: str
+    text_remat_policy: str
+    decoder_remat_policy: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Run and output.
+    run_name: str
+    base_output_directory: str
+    seed: int
+    steps: int
+    global_batch_size: int
+    log_period: int
+    checkpoint_period: int
+    eval_only: bool
+    load_parameters_path: str
+    # Model.
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    vocab_size: int
+    dtype: Literal["bfloat16", "float32"]
+    attention: Literal[ATTENTION_KINDS]  # type: ignore[valid-type]
+    remat_policy: RematPolicy
+    scan_layers: bool
+    vision: Tower
+    text: TextTower
+    decoder: DecoderTower
+    # Losses and optimiser.
+    contrastive_weight: float
+    caption_weight: float
+    base_lr: float
+    warmup_steps: int
+    weight_decay: float
+    adam_b1: float
+    adam_b2: float
+    adam_eps: float
+    # Data.
+    dataset_type: Literal["synthetic"]
+    # Parallelism.
+    ici_data_parallelism: int
+    ici_fsdp_parallelism: int
+    ici_tensor_parallelism: int
+    dcn_data_parallelism: int
+    dcn_fsdp_parallelism: int
+    dcn_tensor_parallelism: int
+    logical_axis_rules: list[tuple[str, Optional[Union[str, list[str]]]]]
+    # Ahead-of-time compilation for a TPU topology from this host.
+    compile_topology: str
+    compile_topology_num_slices: int
+    # Filled by `finalize`.
+    derived: Optional[Derived] = dataclasses.field(default=None, metadata={"derived": True})
+
+
+def _fill_mesh(shape: tuple[int, ...], total: int, kind: str) -> tuple[int, ...]:
+    """Replace a single -1 in `shape` so that the product equals `total`."""
+    if any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"{kind}_*_parallelism must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
+    unknown = [i for i, s in enumerate(shape) if s == -1]
+    known = math.prod(s for s in shape if s != -1)
+    if len(unknown) > 1:
+        raise ConfigError(f"at most one {kind}_*_parallelism may be -1, got {dict(zip(MESH_AXES, shape))}")
+    if unknown:
+        if total % known:
+            raise ConfigError(
+                f"{kind} parallelism {dict(zip(MESH_AXES, shape))}: the fixed axes ({known}) do not divide "
+                f"the {total} devices available")
+        shape = tuple(total // known if s == -1 else s for s in shape)
+    if math.prod(shape) != total:
+        raise ConfigError(
+            f"{kind} parallelism {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices but "
+            f"{total} are available")
+    return shape
+
+
+def _check_model(cfg: Config) -> None:
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(
+            f"image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}: "
+            "the patch grid must tile the image")
+    for name in ("vision", "text", "decoder"):
+        tower = getattr(cfg, name)
+        if tower.width % tower.num_heads:
+            raise ConfigError(
+                f"{name}.width={tower.width} is not divisible by {name}.num_heads={tower.num_heads}")
+        for key in ("width", "depth", "mlp_dim", "num_heads"):
+            if getattr(tower, key) <= 0:
+                raise ConfigError(f"{name}.{key} must be positive, got {getattr(tower, key)}")
+    if cfg.vision.width % 4 or cfg.vision.width < 8:
+        raise ConfigError(
+            f"vision.width={cfg.vision.width} must be a multiple of 4 and at least 8 "
+            "(the 2-D sin-cos position embedding splits it into four parts)")
+    if cfg.text.context_length < 2:
+        raise ConfigError("text.context_length must be at least 2 ([CLS] is the last token)")
+    for key in ("steps", "global_batch_size", "log_period", "checkpoint_period"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+
+
+def _check_backend(cfg: Config, platform: str) -> None:
+    available = ATTENTION_AVAILABLE[platform]
+    if cfg.attention not in available:
+        raise ConfigError(
+            f"attention={cfg.attention!r} is not available on {platform}; available: {', '.join(available)}")
+    for name in ("vision", "text", "decoder"):
+        policy = getattr(cfg, name).remat_policy or cfg.remat_policy
+        if policy.endswith("_offloaded") and platform not in OFFLOAD_PLATFORMS:
+            raise ConfigError(
+                f"remat policy {policy!r} ({name}) offloads to host memory, which {platform} does not "
+                f"support; use one of: {', '.join(p for p in REMAT_POLICIES if not p.endswith('_offloaded'))}")
+
+
+def _check_rules(cfg: Config) -> None:
+    for name, axes in cfg.logical_axis_rules:
+        for axis in [axes] if isinstance(axes, str) else axes or []:
+            if axis not in MESH_AXES:
+                raise ConfigError(
+                    f"logical_axis_rules: {name!r} maps to {axis!r}, which is not a mesh axis "
+                    f"({', '.join(MESH_AXES)})")
+
+
+def finalize(cfg: Config, *, platform: str, num_devices: int) -> Config:
+    """Checks combinations of keys and returns `cfg` with `derived` filled in."""
+    _check_model(cfg)
+    _check_rules(cfg)
+    _check_backend(cfg, platform)
+    slices = cfg.compile_topology_num_slices if cfg.compile_topology else None
+    dcn = (cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism, cfg.dcn_tensor_parallelism)
+    ici = (cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism, cfg.ici_tensor_parallelism)
+    num_slices = slices or max(1, math.prod(s for s in dcn if s > 0))
+    if num_devices % num_slices:
+        raise ConfigError(f"{num_devices} devices cannot be split into {num_slices} slices")
+    dcn = _fill_mesh(dcn, num_slices, "dcn")
+    ici = _fill_mesh(ici, num_devices // num_slices, "ici")
+    batch_shards = ici[0] * ici[1] * dcn[0] * dcn[1]
+    if cfg.global_batch_size % batch_shards:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not divisible by the {batch_shards} devices the "
+            f"batch is split over (data x fsdp = {ici[0] * dcn[0]} x {ici[1] * dcn[1]})")
+    run_name = cfg.run_name or datetime.datetime.now().strftime("run_%Y%m%d_%H%M%S")
+    derived = Derived(
+        run_name=run_name,
+        platform=platform,
+        num_devices=num_devices,
+        ici_mesh_shape=ici,
+        dcn_mesh_shape=dcn,
+        batch_shards=batch_shards,
+        per_device_batch_size=cfg.global_batch_size // batch_shards,
+        peak_learning_rate=cfg.base_lr * cfg.global_batch_size / 256,
+        num_patches=(cfg.image_size // cfg.patch_size) ** 2,
+        vision_remat_policy=cfg.vision.remat_policy or cfg.remat_policy,
+        text_remat_policy=cfg.text.remat_policy or cfg.remat_policy,
+        decoder_remat_policy=cfg.decoder.remat_policy or cfg.remat_policy,
+    )
+    return dataclasses.replace(cfg, derived=derived)

@@ -1,0 +1,8 @@
+"""python train.py CONFIG.yml [key=value ...]  -- train an OpenVision encoder (see README.md)."""
+
+import sys
+
+from openvision_max.train import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
