@@ -91,6 +91,7 @@ class Config:
     # Model.
     image_size: int
     patch_size: int
+    drop_partial_patches: bool
     embed_dim: int
     vocab_size: int
     dtype: Literal["bfloat16", "float32"]
@@ -148,10 +149,12 @@ def _fill_mesh(shape: tuple[int, ...], total: int, kind: str) -> tuple[int, ...]
 
 
 def _check_model(cfg: Config) -> None:
-    if cfg.image_size % cfg.patch_size:
+    remainder = cfg.image_size % cfg.patch_size
+    if remainder and not cfg.drop_partial_patches:
         raise ConfigError(
-            f"image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}: "
-            "the patch grid must tile the image")
+            f"image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}: the patch grid must "
+            f"tile the image (drop_partial_patches=true ignores the last {remainder} pixel rows and columns, "
+            "as SoViT-400m/14 does at 384)")
     for name in ("vision", "text", "decoder"):
         tower = getattr(cfg, name)
         if tower.width % tower.num_heads:
