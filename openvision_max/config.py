@@ -11,8 +11,11 @@ Every problem raises `ConfigError` with one message; `cli_config` turns it into 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import functools
+import itertools
+import math
 import pathlib
 import sys
 import types
@@ -23,7 +26,7 @@ import yaml
 
 from openvision_max.schema import Config, ConfigError, finalize
 
-__all__ = ["Config", "ConfigError", "load_config", "cli_config", "config_to_dict", "all_keys"]
+__all__ = ["Config", "ConfigError", "load_config", "load_stages", "cli_config", "config_to_dict", "all_keys"]
 
 _MAX_CHAIN = 16
 
@@ -103,13 +106,14 @@ def _check_known(data: dict, cls: type, prefix: str, where: str) -> None:
             _check_known(v, tp, prefix + k + ".", where)
 
 
-def _apply_override(merged: dict, arg: str) -> None:
+def _apply_override(overrides: dict, arg: str) -> None:
+    """Adds `key=value` (a dotted key, a YAML value) to the nested `overrides` dict."""
     if "=" not in arg:
         raise ConfigError(f"expected key=value, got {arg!r}")
     key, text = arg.split("=", 1)
     parts = key.split(".")
     cls: Any = Config
-    node = merged
+    node = overrides
     for i, part in enumerate(parts):
         fields = {f.name for f in _user_fields(cls)} if dataclasses.is_dataclass(cls) else set()
         if part not in fields:
@@ -117,13 +121,49 @@ def _apply_override(merged: dict, arg: str) -> None:
         cls = _hints(cls)[part]
         if i < len(parts) - 1:
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key {'.'.join(parts[:i + 1])!r} is not a section")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     node[parts[-1]] = value
+
+
+# Keys a stage may hold besides config overrides; and keys that only make sense for the whole run.
+_STAGE_KEYS = ("name", "samples", "warmup_samples")
+_RUN_KEYS = ("stages", "stage", "run_name", "base_output_directory")
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or value != int(value):
+        raise ConfigError(f"{key} expects a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _stage_raw(files: dict, cli: dict, entry: Any, index: int) -> tuple[str, dict]:
+    """One `stages:` entry -> (name, raw config): files < stage overrides < command line."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ConfigError(f"stages[{index}] must be a mapping with a `name` (a string), got {entry!r}")
+    entry = dict(entry)
+    name = entry.pop("name")
+    samples, warmup_samples = entry.pop("samples", None), entry.pop("warmup_samples", None)
+    where = f"in stage {name!r}"
+    for key in entry:
+        if key in _RUN_KEYS:
+            raise ConfigError(f"{key!r} cannot be set per stage ({where})")
+    _check_known(entry, Config, "", where)
+    raw = _merge(_merge(files, entry), cli)
+    batch = raw.get("global_batch_size")
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return name, raw  # _build reports the type error
+    # A stage's length is given in samples, as in the paper; an explicit steps=/warmup_steps= on the command
+    # line still wins.
+    if samples is not None and "steps" not in cli:
+        raw["steps"] = math.ceil(_positive_int(samples, f"stages[{index}].samples") / batch)
+    if warmup_samples is not None and "warmup_steps" not in cli:
+        if warmup_samples != 0:
+            warmup_samples = _positive_int(warmup_samples, f"stages[{index}].warmup_samples")
+        raw["warmup_steps"] = round(warmup_samples / batch)
+    return name, raw
 
 
 def _type_name(tp: Any) -> str:
@@ -177,6 +217,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad()
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -227,29 +271,61 @@ def _target(cfg: Config) -> tuple[str, int]:
     return jax.default_backend(), jax.device_count()
 
 
-def load_config(argv: list[str], *, platform: str | None = None, num_devices: int | None = None) -> Config:
-    """Reads `argv = [config_path, key=value, ...]` into a checked, finalized Config."""
+def load_stages(argv: list[str], *, platform: str | None = None, num_devices: int | None = None) -> list[Config]:
+    """Reads `argv = [config_path, key=value, ...]` into the checked, finalized config of every stage to run.
+
+    Without `stages:` the run is one stage named "main". With them, each stage is the config files, then the
+    stage's overrides, then the command line; `stage=NAME` keeps that stage only. Every stage is validated
+    here, so a mistake in the last stage fails before the first one starts.
+    """
     if not argv:
         raise ConfigError("usage: CONFIG.yml [key=value ...]")
-    merged = _read_chain(pathlib.Path(argv[0]))
+    files = _read_chain(pathlib.Path(argv[0]))
+    cli: dict = {}
     for arg in argv[1:]:
-        _apply_override(merged, arg)
-    cfg = _build(Config, merged)
+        _apply_override(cli, arg)
+    merged = _merge(files, cli)
+    if not merged.get("run_name"):
+        merged["run_name"] = cli["run_name"] = datetime.datetime.now().strftime("run_%Y%m%d_%H%M%S")
+    top = _build(Config, merged)
+    raw_stages = [_stage_raw(files, cli, entry, i) for i, entry in enumerate(top.stages)] or [("main", merged)]
+    names = [name for name, _ in raw_stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique, got {names}")
+    if top.stage and top.stage not in names:
+        raise ConfigError(f"stage={top.stage!r} is not a stage of this config; stages: {', '.join(names)}")
     if platform is None or num_devices is None:
-        target_platform, target_devices = _target(cfg)
+        target_platform, target_devices = _target(top)
         platform = platform or target_platform
         num_devices = num_devices or target_devices
-    return finalize(cfg, platform=platform, num_devices=num_devices)
+    configs = []
+    for index, (name, raw) in enumerate(raw_stages):
+        try:
+            cfg = finalize(_build(Config, raw), platform=platform, num_devices=num_devices, stage_name=name,
+                           stage_index=index)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (stage {name!r})" if len(raw_stages) > 1 else str(e)) from None
+        configs.append(cfg)
+    # Checkpoint step numbers count across stages, so each stage knows where its steps start.
+    offsets = itertools.accumulate([c.steps for c in configs], initial=0)
+    configs = [dataclasses.replace(c, derived=dataclasses.replace(c.derived, step_offset=o))
+               for c, o in zip(configs, offsets)]
+    return [c for c in configs if not top.stage or c.derived.stage_name == top.stage]
 
 
-def cli_config(argv: list[str], prog: str) -> Config:
-    """`load_config` for command-line tools: a config error prints one line and exits 2."""
+def load_config(argv: list[str], *, platform: str | None = None, num_devices: int | None = None) -> Config:
+    """The config of the first stage to run (the whole run's config when there are no stages)."""
+    return load_stages(argv, platform=platform, num_devices=num_devices)[0]
+
+
+def cli_config(argv: list[str], prog: str) -> list[Config]:
+    """`load_stages` for command-line tools: a config error prints one line and exits 2."""
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {prog} CONFIG.yml [key=value ...]\n\nKeys and their defaults: configs/base.yml",
               file=sys.stderr)
         sys.exit(0 if argv else 2)
     try:
-        return load_config(argv)
+        return load_stages(argv)
     except ConfigError as e:
         print(f"{prog}: config error: {e}", file=sys.stderr)
         sys.exit(2)

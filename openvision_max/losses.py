@@ -1,4 +1,4 @@
-"""OpenVision's training losses: symmetric softmax contrastive loss and the masked caption loss.
+"""OpenVision's training losses: the contrastive loss (softmax, or SigLIP's sigmoid) and the masked caption loss.
 
 Logits are constrained to (batch, unsharded): each device holds its own rows against every column of the
 global batch, O(local x global) memory, and the gradient flows through the gather of the other side.
@@ -21,12 +21,42 @@ def softmax_contrastive(image_emb: jax.Array, text_emb: jax.Array, logit_scale: 
     return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))
 
 
+def sigmoid_contrastive(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                        logit_bias: jax.Array) -> jax.Array:
+    """SigLIP loss: every (image, text) pair is a binary problem; summed over texts, averaged over images."""
+    logits = logit_scale * jnp.einsum("ie,te->it", image_emb, text_emb) + logit_bias
+    logits = nn.with_logical_constraint(logits, ("activation_batch", None))
+    n = image_emb.shape[0]
+    labels = jnp.where(jnp.arange(n)[:, None] == jnp.arange(n)[None, :], 1.0, -1.0)
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+
+
+def contrastive(kind: str, image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                logit_bias: jax.Array | None = None) -> jax.Array:
+    """OpenVision's two-caption contrastive loss: images against the alt-texts (the first B rows of text_emb)
+    and against the sub-captions (the next B), averaged. kind: "softmax" or "sigmoid"."""
+    b = image_emb.shape[0]
+    if kind == "softmax":
+        one = lambda t: softmax_contrastive(image_emb, t, logit_scale)  # noqa: E731
+    else:
+        one = lambda t: sigmoid_contrastive(image_emb, t, logit_scale, logit_bias)  # noqa: E731
+    return 0.5 * (one(text_emb[:b]) + one(text_emb[b:]))
+
+
+def caption_nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum(nll * mask): the caption loss's numerator (microbatches add these up)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask.astype(jnp.float32))
+
+
 def caption_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean token cross-entropy over the global batch: sum(nll * mask) / sum(mask).
 
     logits [B, Q, V] fp32, targets [B, Q] int32, mask [B, Q] (1 where the target is a real token).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return caption_nll_sum(logits, targets, mask) / caption_tokens(mask)
+
+
+def caption_tokens(mask: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)

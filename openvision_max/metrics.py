@@ -19,13 +19,23 @@ def _fmt(v: Any) -> str:
 
 
 class MetricsWriter:
+    """Appends to metrics.jsonl, prints a line, and writes TensorBoard scalars under <run_dir>/tensorboard."""
+
     def __init__(self, run_dir: pathlib.Path):
+        from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
         self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)
+
+    def close(self) -> None:
+        self.tensorboard.close()
 
     def write(self, step: int, stage: str, values: dict[str, Any]) -> None:
         record = {"step": step, "stage": stage, **{k: (float(v) if not isinstance(v, str) else v)
                                                     for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and not isinstance(v, str):
+                self.tensorboard.add_scalar(k, v, step)
         keys = [k for k in _ORDER if k in values] + sorted(k for k in values if k not in _ORDER)
         print(f"step {step} [{stage}] " + " ".join(f"{k}={_fmt(record[k])}" for k in keys), flush=True)

@@ -24,7 +24,9 @@ def decay_mask(params):
 
 
 def build(cfg: Config) -> optax.GradientTransformation:
+    clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
     return optax.chain(
+        *clip,
         optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, mu_dtype=jnp.bfloat16),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(learning_rate_schedule(cfg)),

@@ -8,7 +8,6 @@ computes the derived values.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 from typing import Literal, Optional, Union
 
@@ -62,13 +61,16 @@ class DecoderTower(Tower):
 @dataclasses.dataclass(frozen=True)
 class Derived:
     """Values computed from the rest of the config in `finalize`; not settable by users."""
-    run_name: str
+    stage_name: str               # the stage this config describes ("main" without `stages`)
+    stage_index: int
+    step_offset: int              # steps of the stages before this one (checkpoint steps count across stages)
     platform: str                 # the platform compiled for: cpu, gpu or tpu
     num_devices: int
     ici_mesh_shape: tuple[int, int, int]   # (data, fsdp, tensor) within a slice
     dcn_mesh_shape: tuple[int, int, int]   # (data, fsdp, tensor) across slices
     batch_shards: int             # devices the batch is split over: data x fsdp, ICI x DCN
     per_device_batch_size: int
+    microbatch_size: int          # global_batch_size / gradient_accumulation_steps
     peak_learning_rate: float     # base_lr x global_batch_size / 256
     num_patches: int
     vision_remat_policy: str
@@ -86,8 +88,11 @@ class Config:
     global_batch_size: int
     log_period: int
     checkpoint_period: int
+    max_checkpoints_to_keep: int
     eval_only: bool
     load_parameters_path: str
+    stage: str
+    stages: list[dict]
     # Model.
     image_size: int
     patch_size: int
@@ -102,10 +107,14 @@ class Config:
     text: TextTower
     decoder: DecoderTower
     # Losses and optimiser.
+    contrastive_loss: Literal["softmax", "sigmoid"]
     contrastive_weight: float
     caption_weight: float
     base_lr: float
     warmup_steps: int
+    gradient_accumulation_steps: int
+    grad_clip_norm: float
+    max_nonfinite_steps: int
     weight_decay: float
     adam_b1: float
     adam_b2: float
@@ -169,7 +178,8 @@ def _check_model(cfg: Config) -> None:
             "(the 2-D sin-cos position embedding splits it into four parts)")
     if cfg.text.context_length < 2:
         raise ConfigError("text.context_length must be at least 2 ([CLS] is the last token)")
-    for key in ("steps", "global_batch_size", "log_period", "checkpoint_period"):
+    for key in ("steps", "global_batch_size", "log_period", "checkpoint_period", "gradient_accumulation_steps",
+                "max_checkpoints_to_keep", "max_nonfinite_steps"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
 
@@ -196,7 +206,8 @@ def _check_rules(cfg: Config) -> None:
                     f"({', '.join(MESH_AXES)})")
 
 
-def finalize(cfg: Config, *, platform: str, num_devices: int) -> Config:
+def finalize(cfg: Config, *, platform: str, num_devices: int, stage_name: str = "main",
+             stage_index: int = 0) -> Config:
     """Checks combinations of keys and returns `cfg` with `derived` filled in."""
     _check_model(cfg)
     _check_rules(cfg)
@@ -214,15 +225,22 @@ def finalize(cfg: Config, *, platform: str, num_devices: int) -> Config:
         raise ConfigError(
             f"global_batch_size={cfg.global_batch_size} is not divisible by the {batch_shards} devices the "
             f"batch is split over (data x fsdp = {ici[0] * dcn[0]} x {ici[1] * dcn[1]})")
-    run_name = cfg.run_name or datetime.datetime.now().strftime("run_%Y%m%d_%H%M%S")
+    accum = cfg.gradient_accumulation_steps
+    if cfg.global_batch_size % (accum * batch_shards):
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} does not split into gradient_accumulation_steps={accum} "
+            f"microbatches divisible by the {batch_shards} devices the batch is split over")
     derived = Derived(
-        run_name=run_name,
+        stage_name=stage_name,
+        stage_index=stage_index,
+        step_offset=0,
         platform=platform,
         num_devices=num_devices,
         ici_mesh_shape=ici,
         dcn_mesh_shape=dcn,
         batch_shards=batch_shards,
         per_device_batch_size=cfg.global_batch_size // batch_shards,
+        microbatch_size=cfg.global_batch_size // accum,
         peak_learning_rate=cfg.base_lr * cfg.global_batch_size / 256,
         num_patches=(cfg.image_size // cfg.patch_size) ** 2,
         vision_remat_policy=cfg.vision.remat_policy or cfg.remat_policy,

@@ -27,7 +27,8 @@ def axis_rules(cfg: Config) -> tuple[tuple[str, Any], ...]:
 
 def create_mesh(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The (data, fsdp, tensor) mesh; hybrid ICI x DCN when the config spans several slices."""
-    devices = list(devices if devices is not None else jax.devices())
+    # The config was resolved for jax.device_count() devices unless a caller (a test) chose fewer.
+    devices = list(devices if devices is not None else jax.devices()[:cfg.derived.num_devices])
     ici, dcn = cfg.derived.ici_mesh_shape, cfg.derived.dcn_mesh_shape
     if len(devices) != cfg.derived.num_devices:
         raise ValueError(f"the config was resolved for {cfg.derived.num_devices} devices, got {len(devices)}")

@@ -1,85 +1,104 @@
-"""The training loop: `python train.py CONFIG [key=value ...]` (see the root train.py)."""
+"""`python train.py CONFIG [key=value ...]`: run every stage of a config, resuming where a run left off.
+
+Run directory `<base_output_directory>/<run_name>/`: config.yml (resolved), checkpoints/, metrics.jsonl,
+tensorboard/. Restarting with the same run_name resumes from the latest complete checkpoint, inside the
+right stage. Each stage starts from the previous stage's parameters with a fresh optimiser.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import sys
-import time
+from typing import Any
 
 import jax
 import yaml
 
-from openvision_max import flops, models, mfu, optimizer
+from openvision_max import checkpointing, mfu
 from openvision_max.config import cli_config, config_to_dict
-from openvision_max.data.synthetic import SyntheticIterator
+from openvision_max.loop import StageResult, TrainingStopped, run_stage
 from openvision_max.metrics import MetricsWriter
 from openvision_max.schema import Config
-from openvision_max.sharding import activate, create_mesh
-from openvision_max.train_step import create_state, jit_train_step
 
 
-def run_directory(cfg: Config) -> pathlib.Path:
-    run_dir = pathlib.Path(cfg.base_output_directory) / cfg.derived.run_name
+def run_directory(stages: list[Config]) -> pathlib.Path:
+    cfg = stages[0]
+    run_dir = pathlib.Path(cfg.base_output_directory) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    resolved = config_to_dict(cfg) if len(stages) == 1 else {
+        "stages_resolved": [config_to_dict(c) for c in stages]}
+    (run_dir / "config.yml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     return run_dir
 
 
-class StepTimer:
-    """Throughput over the steps between two metric fetches (the first window includes compilation)."""
-
-    def __init__(self, cfg: Config, peak_per_device: float):
-        self.cfg = cfg
-        self.flops_per_step = flops.flops_per_sample(cfg)["train_total"] * cfg.global_batch_size
-        self.peak = peak_per_device
-        self.last = (0, time.perf_counter())
-
-    def measure(self, step: int) -> dict[str, float]:
-        now = time.perf_counter()
-        last_step, last_time = self.last
-        self.last = (step, now)
-        dt = (now - last_time) / max(step - last_step, 1)
-        per_device = self.flops_per_step / dt / self.cfg.derived.num_devices
-        return {"step_time_s": dt, "samples_per_s": self.cfg.global_batch_size / dt,
-                "tflops_per_device": per_device / 1e12, "mfu": per_device / self.peak}
+@dataclasses.dataclass
+class Resume:
+    """Where the latest complete checkpoint left the run."""
+    step: int
+    stage_index: int
+    stage_step: int
 
 
-def train(cfg: Config) -> pathlib.Path:
-    run_dir = run_directory(cfg)
+def find_resume(ckpt: checkpointing.Checkpointer) -> Resume | None:
+    step = ckpt.latest_step()
+    if step is None:
+        return None
+    # The JSON item of a checkpoint (orbax's JsonSave writes <step>/meta/metadata): what stage it belongs to.
+    meta = json.loads((pathlib.Path(ckpt.directory) / str(step) / "meta" / "metadata").read_text())
+    return Resume(step=step, stage_index=int(meta["stage_index"]), stage_step=int(meta["stage_step"]))
+
+
+def train(stages: list[Config]) -> pathlib.Path:
+    first = stages[0]
+    run_dir = run_directory(stages)
     print(f"run directory: {run_dir}", flush=True)
-    mesh = create_mesh(cfg)
-    model, tx = models.build(cfg), optimizer.build(cfg)
-    peak, peak_source = mfu.peak_flops_per_device(cfg.dtype)
-    print(f"mesh {dict(mesh.shape)}; peak {peak / 1e12:.3g} TFLOP/s per device from {peak_source}", flush=True)
+    peak, peak_source = mfu.peak_flops_per_device(first.dtype)
+    print(f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source}); {jax.device_count()} devices", flush=True)
     writer = MetricsWriter(run_dir)
-    with activate(cfg, mesh):
-        state = create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed))
-        step_fn = jit_train_step(model, tx, cfg, mesh)
-        data = SyntheticIterator(cfg, mesh)
-        timer = StepTimer(cfg, peak)
-        pending = None  # (step, device metrics) of the previous step, fetched one step late
-        for step in range(int(state.step), cfg.steps):
-            state, metrics = step_fn(state, next(data))
-            if pending is not None:
-                _log(writer, timer, *pending)
-            pending = (step + 1, metrics) if _should_log(cfg, step + 1) else None
-        if pending is not None:
-            _log(writer, timer, *pending)
+    ckpt = checkpointing.Checkpointer(run_dir / "checkpoints", max_to_keep=first.max_checkpoints_to_keep,
+                                      period=first.checkpoint_period)
+    guard = checkpointing.PreemptionGuard()
+    resume = find_resume(ckpt)
+    if resume:
+        print(f"resuming from checkpoint step {resume.step} (stage {resume.stage_index}, "
+              f"step {resume.stage_step} of it)", flush=True)
+    params: Any = None  # the previous stage's parameters
+    try:
+        for cfg in stages:
+            stage_resume = resume if resume and resume.stage_index == cfg.derived.stage_index else None
+            if resume and (cfg.derived.stage_index < resume.stage_index
+                           or (stage_resume and stage_resume.stage_step >= cfg.steps)):
+                print(f"stage {cfg.derived.stage_name}: already complete", flush=True)
+                continue
+            if params is None and resume and resume.stage_index < cfg.derived.stage_index:
+                params = ("checkpoint", resume.step)  # the finished stage's parameters, read by run_stage
+            result: StageResult = run_stage(cfg, ckpt, guard, writer, peak, params, stage_resume)
+            if result.preempted:
+                return run_dir
+            params = result.params
+    finally:
+        ckpt.close()
+        guard.close()
+        writer.close()
     return run_dir
-
-
-def _should_log(cfg: Config, step: int) -> bool:
-    return step % cfg.log_period == 0 or step == cfg.steps or step == 1
-
-
-def _log(writer: MetricsWriter, timer: StepTimer, step: int, metrics) -> None:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    writer.write(step, "main", {**values, **timer.measure(step)})
 
 
 def main(argv: list[str]) -> None:
-    cfg = cli_config(argv, "train.py")
-    train(cfg)
+    stages = cli_config(argv, "train.py")
+    if stages[0].compile_topology:
+        from openvision_max import aot  # needs libtpu
+        aot.main(stages[0])
+        return
+    try:
+        train(stages)
+    except checkpointing.CheckpointError as e:  # e.g. a wrong load_parameters_path: bad input, exit 2
+        print(f"train.py: checkpoint error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

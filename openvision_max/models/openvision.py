@@ -15,7 +15,9 @@ from openvision_max.models.text import TextTower
 from openvision_max.models.vision import VisionTower
 from openvision_max.schema import Config
 
-TEMPERATURE_INIT = math.log(1 / 0.07)
+# Initial t (logit scale = exp(t)) and, for the sigmoid loss, logit bias: CLIP's and SigLIP's values.
+TEMPERATURE_INIT = {"softmax": math.log(1 / 0.07), "sigmoid": math.log(10.0)}
+SIGMOID_BIAS_INIT = -10.0
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -33,6 +35,7 @@ class ModelSpec:
     vocab_size: int
     context_length: int
     caption_length: int
+    contrastive_loss: str        # "sigmoid" adds the learned logit bias `b`
 
 
 class OpenVision(nn.Module):
@@ -44,7 +47,9 @@ class OpenVision(nn.Module):
         self.vision = VisionTower(s.vision, s.patch_size, s.embed_dim)
         self.text = TextTower(s.text, s.vocab_size, s.context_length, s.embed_dim)
         self.decoder = CaptionDecoder(s.decoder, s.vocab_size, s.caption_length)
-        self.t = self.param("t", logical(nn.initializers.constant(TEMPERATURE_INIT), ()), ())
+        self.t = self.param("t", logical(nn.initializers.constant(TEMPERATURE_INIT[s.contrastive_loss]), ()), ())
+        if s.contrastive_loss == "sigmoid":
+            self.b = self.param("b", logical(nn.initializers.constant(SIGMOID_BIAS_INIT), ()), ())
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, 3] normalised -> L2-normalised embeddings [B, E] fp32."""
@@ -54,11 +59,22 @@ class OpenVision(nn.Module):
         """ids [B, L] int32 -> L2-normalised embeddings [B, E] fp32."""
         return l2_normalize(self.text(ids)[0])
 
+    def logit_params(self) -> dict[str, jax.Array]:
+        """logit_scale = exp(t), and logit_bias for the sigmoid loss."""
+        out = {"logit_scale": jnp.exp(self.t)}
+        if self.spec.contrastive_loss == "sigmoid":
+            out["logit_bias"] = self.b
+        return out
+
+    def embed(self, images: jax.Array, texts: jax.Array) -> dict[str, jax.Array]:
+        """The contrastive embeddings only (no decoder): image_emb [B, E], text_emb [k * B, E]."""
+        return {"image_emb": self.encode_image(images), "text_emb": self.encode_text(texts)}
+
     def __call__(self, images: jax.Array, texts: jax.Array) -> dict[str, jax.Array]:
         """images [B, H, W, 3]; texts [k * B, L] with the B alt-texts first (the decoder reads those).
 
         Returns image_emb [B, E] and text_emb [k * B, E] (L2-normalised, fp32), caption_logits
-        [B, caption_length, V] fp32, and logit_scale = exp(t).
+        [B, caption_length, V] fp32, logit_scale = exp(t) and, for the sigmoid loss, logit_bias.
         """
         b = images.shape[0]
         image_emb, image_tokens = self.vision(images)
@@ -68,7 +84,7 @@ class OpenVision(nn.Module):
             "image_emb": l2_normalize(image_emb),
             "text_emb": l2_normalize(text_emb),
             "caption_logits": logits,
-            "logit_scale": jnp.exp(self.t),
+            **self.logit_params(),
         }
 
 
@@ -89,6 +105,7 @@ def build(cfg: Config) -> OpenVision:
         decoder=_stack(cfg, "decoder", gelu_tanh=True, prefix_len=cfg.derived.num_patches + text_tokens),
         patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, vocab_size=cfg.vocab_size,
         context_length=cfg.text.context_length, caption_length=cfg.decoder.caption_length,
+        contrastive_loss=cfg.contrastive_loss,
     ))
 
 
