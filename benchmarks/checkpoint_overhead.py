@@ -1,0 +1,43 @@
+"""Mean step time of a tiny run with a checkpoint every step vs none (asynchronous saves should hide the writes).
+
+    python benchmarks/checkpoint_overhead.py [--steps 40]
+
+Prints what it measured; the steps after the first log window (which includes compilation) are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+
+from openvision_max.config import load_stages
+from openvision_max.train import train
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def mean_step_time(out: str, name: str, steps: int, period: int) -> float:
+    stages = load_stages([str(CONFIGS / "demo.yml"), f"base_output_directory={out}", f"run_name={name}",
+                          f"steps={steps}", "log_period=1", f"checkpoint_period={period}",
+                          "max_checkpoints_to_keep=2"])
+    run_dir = train(stages)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in rows[2:]]  # skip the compile window and the first steady step
+    return sum(times) / len(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        without = mean_step_time(out, "no_ckpt", args.steps, period=10 ** 9)
+        every = mean_step_time(out, "ckpt_every_step", args.steps, period=1)
+    print(f"mean step time, no checkpoints:        {without * 1e3:.1f} ms")
+    print(f"mean step time, checkpoint every step: {every * 1e3:.1f} ms  ({(every / without - 1) * 100:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
