@@ -38,7 +38,8 @@ def summarize(cfg: Config) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    cfg = cli_config(argv, "python -m openvision_max.summary")
+    # A staged config is summarised at its first stage to run (choose one with stage=NAME).
+    cfg = cli_config(argv, "python -m openvision_max.summary")[0]
     print(json.dumps(summarize(cfg)))
 
 
