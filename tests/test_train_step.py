@@ -17,25 +17,34 @@ from conftest import tiny_config
 MESH_2x2x2 = ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]
 
 
-def run_steps(cfg, steps, batches=None):
+def stepper(cfg, iterator=SyntheticIterator):
+    """(initial state, jitted step, data iterator) of a config, on its mesh; call inside `activate(cfg)`."""
     mesh = sharding.create_mesh(cfg)
     model, tx = models.build(cfg), optimizer.build(cfg)
-    with sharding.activate(cfg, mesh):
-        state = create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed))
-        step_fn = jit_train_step(model, tx, cfg, mesh)
-        data = SyntheticIterator(cfg, mesh)
-        losses, metrics = [], None
+    return (create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed)), jit_train_step(model, tx, cfg, mesh),
+            iterator(cfg, mesh))
+
+
+def activate(cfg):
+    return sharding.activate(cfg, sharding.create_mesh(cfg))
+
+
+def run_steps(cfg, steps, iterator=SyntheticIterator):
+    """Trains `steps` steps; returns (final state, per-step losses)."""
+    with activate(cfg):
+        state, step_fn, data = stepper(cfg, iterator)
+        losses = []
         for _ in range(steps):
             state, metrics = step_fn(state, next(data))
             losses.append(float(metrics["loss"]))
-    return state, losses, metrics
+    return state, losses
 
 
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
 def test_mesh_losses_equal_single_device(loss):
     args = ["base_lr=0.256", "warmup_steps=1", f"contrastive_loss={loss}"]
-    _, single, _ = run_steps(tiny_config(*args), 5)
-    _, meshed, _ = run_steps(tiny_config(*args, *MESH_2x2x2, num_devices=8), 5)
+    _, single = run_steps(tiny_config(*args), 5)
+    _, meshed = run_steps(tiny_config(*args, *MESH_2x2x2, num_devices=8), 5)
     np.testing.assert_allclose(meshed, single, rtol=1e-4)
     assert single[-1] < single[0]  # it trains
 
@@ -59,8 +68,8 @@ def test_gradient_accumulation_equals_full_batch(loss):
 def test_gradient_accumulation_same_params_after_one_step():
     # Peak LR 1e-4. (Adam's first update is ~lr x sign(g), so tiny gradients amplify fp32 rounding by lr.)
     args = ["global_batch_size=16", "base_lr=0.0016", "warmup_steps=0"]
-    full, _, _ = run_steps(tiny_config(*args), 1)
-    accum, _, _ = run_steps(tiny_config(*args, "gradient_accumulation_steps=4"), 1)
+    full, _ = run_steps(tiny_config(*args), 1)
+    accum, _ = run_steps(tiny_config(*args, "gradient_accumulation_steps=4"), 1)
     for a, b in zip(jax.tree.leaves(accum.params), jax.tree.leaves(full.params)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
@@ -74,28 +83,15 @@ def test_synthetic_loss_halves_within_200_steps():
             self._step = 0
             return super().__next__()
 
-    mesh = sharding.create_mesh(cfg)
-    model, tx = models.build(cfg), optimizer.build(cfg)
-    with sharding.activate(cfg, mesh):
-        state = create_state(model, tx, cfg, mesh, jax.random.key(0))
-        step_fn = jit_train_step(model, tx, cfg, mesh)
-        data = Same(cfg, mesh)
-        losses = []
-        for _ in range(200):
-            state, metrics = step_fn(state, next(data))
-            losses.append(float(metrics["loss"]))
+    _, losses = run_steps(cfg, 200, iterator=Same)
     print(f"synthetic memorisation: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.5 * losses[0]
 
 
 def test_nonfinite_step_is_skipped_and_counted():
     cfg = tiny_config()
-    mesh = sharding.create_mesh(cfg)
-    model, tx = models.build(cfg), optimizer.build(cfg)
-    with sharding.activate(cfg, mesh):
-        state = create_state(model, tx, cfg, mesh, jax.random.key(0))
-        step_fn = jit_train_step(model, tx, cfg, mesh)
-        data = SyntheticIterator(cfg, mesh)
+    with activate(cfg):
+        state, step_fn, data = stepper(cfg)
         state, _ = step_fn(state, next(data))
         before = jax.device_get(state.params)
         poisoned = jax.tree.map(lambda x: x, state)
