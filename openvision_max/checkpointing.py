@@ -134,6 +134,12 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
 
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        """Only the JSON `meta` of checkpoint `step` (which stage it belongs to), without reading arrays."""
+        if step not in self._manager.all_steps():
+            raise CheckpointError(f"no complete checkpoint at {self.directory / str(step)}")
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
     def wait(self) -> None:
         """Blocks until the save in progress (if any) is complete on disk; raises its error if it failed."""
         self._manager.wait_until_finished()

@@ -47,34 +47,31 @@ class StepTimer:
                 "tflops_per_device": per_device / 1e12, "mfu": per_device / self.peak}
 
 
-def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointer, params_from: Any,
-                   resume) -> tuple[TrainState, dict | None]:
-    """(state, data iterator state or None) for the start of this stage."""
+def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointer, params: Any,
+                   params_path: str, resume) -> tuple[TrainState, dict | None]:
+    """(state, data iterator state or None) for the start of this stage: resumed from `resume`, else a fresh
+    optimiser around `params` (the previous stage's) or the parameters at `params_path`, else a new init."""
     abstract = abstract_state(model, tx, cfg, mesh)
     if resume is not None:
         state, meta = ckpt.restore(resume.step, abstract)
         return state, meta["data"]
-    if isinstance(params_from, tuple):  # ("checkpoint", step): a finished earlier stage's checkpoint
-        params = ckpt.restore(params_from[1], abstract)[0].params
-    elif params_from is not None:
-        params = params_from
-    elif cfg.load_parameters_path:
-        params = checkpointing.load_parameters(cfg.load_parameters_path, abstract.params)
-    else:
+    if params is None and params_path:
+        params = checkpointing.load_parameters(params_path, abstract.params)
+    if params is None:
         return create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed)), None
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     return state_from_params(tx, state_sh, params), None
 
 
 def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointing.PreemptionGuard,
-              writer: MetricsWriter, peak: float, params_from: Any, resume) -> StageResult:
+              writer: MetricsWriter, peak: float, params: Any, params_path: str, resume) -> StageResult:
     name, offset = cfg.derived.stage_name, cfg.derived.step_offset
     mesh = create_mesh(cfg)
     model, tx = models.build(cfg), optimizer.build(cfg)
     print(f"stage {name}: {cfg.steps} steps of {cfg.global_batch_size} at {cfg.image_size}px, "
           f"mesh {dict(mesh.shape)}", flush=True)
     with activate(cfg, mesh):
-        state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params_from, resume)
+        state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params, params_path, resume)
         step_fn = jit_train_step(model, tx, cfg, mesh)
         data = SyntheticIterator(cfg, mesh)
         if data_state is not None:

@@ -8,7 +8,6 @@ right stage. Each stage starts from the previous stage's parameters with a fresh
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 from typing import Any
@@ -45,8 +44,7 @@ def find_resume(ckpt: checkpointing.Checkpointer) -> Resume | None:
     step = ckpt.latest_step()
     if step is None:
         return None
-    # The JSON item of a checkpoint (orbax's JsonSave writes <step>/meta/metadata): what stage it belongs to.
-    meta = json.loads((pathlib.Path(ckpt.directory) / str(step) / "meta" / "metadata").read_text())
+    meta = ckpt.restore_meta(step)
     return Resume(step=step, stage_index=int(meta["stage_index"]), stage_step=int(meta["stage_step"]))
 
 
@@ -72,9 +70,12 @@ def train(stages: list[Config]) -> pathlib.Path:
                            or (stage_resume and stage_resume.stage_step >= cfg.steps)):
                 print(f"stage {cfg.derived.stage_name}: already complete", flush=True)
                 continue
+            # A stage starts from the previous stage's parameters: in memory, or in the checkpoint that
+            # finished it when the run restarted in between; the first stage from load_parameters_path.
+            params_path = cfg.load_parameters_path
             if params is None and resume and resume.stage_index < cfg.derived.stage_index:
-                params = ("checkpoint", resume.step)  # the finished stage's parameters, read by run_stage
-            result: StageResult = run_stage(cfg, ckpt, guard, writer, peak, params, stage_resume)
+                params_path = str(ckpt.directory / str(resume.step))
+            result: StageResult = run_stage(cfg, ckpt, guard, writer, peak, params, params_path, stage_resume)
             if result.preempted:
                 return run_dir
             params = result.params

@@ -65,6 +65,7 @@ def test_round_trip_is_bit_exact_on_one_device(state, tmp_path):
     _save(tmp_path / "checkpoints", 6, state)
     with Checkpointer(tmp_path / "checkpoints", max_to_keep=3, period=1) as ckpt:  # a restarted run
         assert ckpt.latest_step() == 6
+        assert ckpt.restore_meta(6) == META  # what stage a run resumes in, before any array is read
         restored, meta = ckpt.restore(6, abstract_like(state))
     assert type(restored) is type(state)
     assert_restored(restored, abstract_like(state), jax.device_get(state))

@@ -86,7 +86,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert f"saved checkpoint at step {saved[0]}" in out
 
 
-def test_two_stages_continue_from_the_first(tmp_path):
+def two_stage_config(tmp_path):
     config = tmp_path / "two.yml"
     config.write_text(
         f"base_config: {CONFIGS / 'demo.yml'}\n"
@@ -94,11 +94,20 @@ def test_two_stages_continue_from_the_first(tmp_path):
         "stages:\n"
         "  - {name: low, image_size: 32, steps: 12, base_lr: 0.256, warmup_steps: 2}\n"
         "  - {name: high, image_size: 48, steps: 3, base_lr: 0.0016, warmup_steps: 0}\n")
+    return config
+
+
+def train_config(config, tmp_path, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config), f"base_output_directory={tmp_path}",
+                           "dtype=float32", *args], capture_output=True, text=True, cwd=ROOT, env=env(1), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_two_stages_continue_from_the_first(tmp_path):
+    config = two_stage_config(tmp_path)
     for args in (["run_name=stages"], ["run_name=fresh", "stage=high"]):  # the second: stage 2 from scratch
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config),
-                               f"base_output_directory={tmp_path}", "dtype=float32", *args],
-                              capture_output=True, text=True, cwd=ROOT, env=env(1), timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        train_config(config, tmp_path, *args)
     fresh = metrics(tmp_path / "fresh")
     rows = metrics(tmp_path / "stages")
     low = [m for m in rows if m["stage"] == "low"]
@@ -109,3 +118,14 @@ def test_two_stages_continue_from_the_first(tmp_path):
     # Same data, same step: starting from the first stage's parameters beats a fresh init by at least half of
     # what the first stage learned.
     assert high[0]["loss"] < fresh[0]["loss"] - 0.5 * (low[0]["loss"] - low[-1]["loss"])
+
+
+def test_restart_between_stages_starts_the_next_from_the_checkpoint(tmp_path):
+    config = two_stage_config(tmp_path)
+    train_config(config, tmp_path, "run_name=straight")
+    train_config(config, tmp_path, "run_name=split", "stage=low")  # as if stopped after stage 1
+    out = train_config(config, tmp_path, "run_name=split")
+    assert "stage low: already complete" in out
+    split = [m for m in metrics(tmp_path / "split") if m["stage"] == "high"]
+    straight = [m for m in metrics(tmp_path / "straight") if m["stage"] == "high"]
+    assert [m["loss"] for m in split] == [m["loss"] for m in straight]  # bitwise: same parameters, same data
