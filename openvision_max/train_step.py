@@ -9,6 +9,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -16,8 +17,9 @@ from openvision_max import losses, models, optimizer, sharding
 from openvision_max.schema import Config
 
 # ImageNet statistics: images travel as uint8 and are normalised on device.
-IMAGE_MEAN = jnp.array([0.485, 0.456, 0.406], jnp.float32) * 255
-IMAGE_STD = jnp.array([0.229, 0.224, 0.225], jnp.float32) * 255
+# NumPy, not jnp: importing this module must not start JAX's backends.
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+IMAGE_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
 @flax.struct.dataclass
@@ -144,15 +146,19 @@ def _init_state_boxed(model: nn.Module, tx: optax.GradientTransformation, cfg: C
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
     """NamedShardings of every leaf of the train state, from the parameters' logical axis names."""
+    # An abstract key, made outside the mesh: a concrete array cannot be placed on compile-only AOT devices.
+    rng = jax.eval_shape(jax.random.key, 0)
     with sharding.activate(cfg, mesh):
-        abstract = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), jax.random.key(0))
+        abstract = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), rng)
         return sharding.logical_to_shardings(cfg, mesh, nn.get_partition_spec(abstract))
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their shardings (for restoring and AOT compilation)."""
+    # An abstract key, made outside the mesh: a concrete array cannot be placed on compile-only AOT devices.
+    rng = jax.eval_shape(jax.random.key, 0)
     with sharding.activate(cfg, mesh):
-        boxed = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), jax.random.key(0))
+        boxed = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), rng)
     # Unbox without the sharding constraint LogicallyPartitioned.unbox applies: these are shapes, not arrays.
     shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
                           boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -113,8 +114,10 @@ def test_tiny_config_is_valid():
     (["global_batch_size=abc"], "'global_batch_size' expects int"),
 ])
 def test_cli_exits_2_with_one_line(args, needle):
+    # As from a user's shell: no JAX_PLATFORMS, so libtpu (installed for AOT) must stay quiet on its own.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIGS / "L14.yml"), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
