@@ -11,7 +11,10 @@ import pytest
 
 from conftest import CONFIGS, ROOT
 
-DEMO = [str(ROOT / "train.py"), str(CONFIGS / "demo.yml"), "dataset_type=synthetic", "dtype=float32"]
+# The demo model with a small vocabulary: these tests check the binary's mechanics, and the 32,000-way
+# caption head would dominate their time on two cores.
+SMALL = ["dtype=float32", "vocab_size=512"]
+DEMO = [str(ROOT / "train.py"), str(CONFIGS / "demo.yml"), "dataset_type=synthetic", *SMALL]
 REQUIRED = {"step", "stage", "loss", "contrastive_loss", "caption_loss", "learning_rate", "temperature",
             "grad_norm", "step_time_s", "samples_per_s", "tflops_per_device", "mfu"}
 
@@ -48,7 +51,7 @@ def test_binary_on_a_mesh_writes_the_single_device_losses(tmp_path):
     assert (run / "config.yml").is_file() and any((run / "tensorboard").iterdir())
 
 
-RESUME = ["steps=30", "checkpoint_period=10", "log_period=10", "global_batch_size=64"]
+RESUME = ["steps=30", "checkpoint_period=10", "log_period=10", "global_batch_size=32"]
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
@@ -99,17 +102,25 @@ def two_stage_config(tmp_path):
 
 def train_config(config, tmp_path, *args):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config), f"base_output_directory={tmp_path}",
-                           "dtype=float32", *args], capture_output=True, text=True, cwd=ROOT, env=env(1), timeout=600)
+                           *SMALL, *args], capture_output=True, text=True, cwd=ROOT, env=env(1), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_two_stages_continue_from_the_first(tmp_path):
-    config = two_stage_config(tmp_path)
-    for args in (["run_name=stages"], ["run_name=fresh", "stage=high"]):  # the second: stage 2 from scratch
-        train_config(config, tmp_path, *args)
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+    """(config, output directory) with the run `straight`: both stages uninterrupted."""
+    out = tmp_path_factory.mktemp("stages")
+    config = two_stage_config(out)
+    train_config(config, out, "run_name=straight")
+    return config, out
+
+
+def test_two_stages_continue_from_the_first(two_stage_run):
+    config, tmp_path = two_stage_run
+    train_config(config, tmp_path, "run_name=fresh", "stage=high")  # stage 2 from scratch
     fresh = metrics(tmp_path / "fresh")
-    rows = metrics(tmp_path / "stages")
+    rows = metrics(tmp_path / "straight")
     low = [m for m in rows if m["stage"] == "low"]
     high = [m for m in rows if m["stage"] == "high"]
     assert [m["step"] for m in high] == [13, 14, 15]
@@ -120,9 +131,8 @@ def test_two_stages_continue_from_the_first(tmp_path):
     assert high[0]["loss"] < fresh[0]["loss"] - 0.5 * (low[0]["loss"] - low[-1]["loss"])
 
 
-def test_restart_between_stages_starts_the_next_from_the_checkpoint(tmp_path):
-    config = two_stage_config(tmp_path)
-    train_config(config, tmp_path, "run_name=straight")
+def test_restart_between_stages_starts_the_next_from_the_checkpoint(two_stage_run):
+    config, tmp_path = two_stage_run
     train_config(config, tmp_path, "run_name=split", "stage=low")  # as if stopped after stage 1
     out = train_config(config, tmp_path, "run_name=split")
     assert "stage low: already complete" in out
