@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification and retrieval over converted datasets, run by the train loop."""
