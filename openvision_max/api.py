@@ -114,7 +114,7 @@ def _load_export(path: pathlib.Path, dtype: str, config: Optional[Config], batch
     from openvision_max.run_config import inference_config
 
     try:
-        oc_config, clip, decoder, ours = read_export(path)
+        oc_config, clip, _, ours = read_export(path, decoder=False)
     except ExportError as e:
         raise LoadError(str(e)) from None
     if config is None:
@@ -125,9 +125,9 @@ def _load_export(path: pathlib.Path, dtype: str, config: Optional[Config], batch
     problems = architecture_mismatches(oc_config["model_cfg"], config)
     if problems:
         raise LoadError(f"{path} does not match the config: {'; '.join(problems[:3])}")
-    # The encoders need no decoder; a released model has none.
+    # The encoders need no decoder (a released model has none): it is not read.
     try:
-        params = from_open_clip(clip, decoder, config)
+        params = from_open_clip(clip, None, config)
     except FormatError as e:
         raise LoadError(str(e)) from None
     import jax

@@ -6,6 +6,7 @@ train loop creates its state sharded instead (train_step.create_state).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +37,15 @@ def abstract_params(cfg: Config) -> Any:
 
 def init_params(cfg: Config, seed: int) -> Any:
     """A fresh initialisation (the one a run with `seed` starts from, up to sharding), on one device."""
-    return jax.jit(lambda r: _unbox(_init_boxed(cfg, r)))(jax.random.key(seed))
+    images, texts = models.dummy_inputs(cfg)
+    return _jitted_init(models.build(cfg).spec, images.shape, texts.shape)(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_init(spec: models.openvision.ModelSpec, image_shape: tuple[int, ...], text_shape: tuple[int, ...]):
+    # Compiled once per architecture (a few seconds on CPU): init runs the whole forward pass.
+    model = models.OpenVision(spec)
+    return jax.jit(lambda r: _unbox(model.init(r, jnp.zeros(image_shape), jnp.zeros(text_shape, jnp.int32))["params"]))
 
 
 def load_params(cfg: Config, path: str) -> Any:

@@ -112,9 +112,11 @@ def find_weights(directory: pathlib.Path) -> Optional[pathlib.Path]:
     return next((directory / n for n in WEIGHT_NAMES if (directory / n).is_file()), None)
 
 
-def read_export(directory: str | os.PathLike) -> tuple[dict, mapping.State, Optional[mapping.State], Optional[dict]]:
+def read_export(directory: str | os.PathLike, *, decoder: bool = True
+                ) -> tuple[dict, mapping.State, Optional[mapping.State], Optional[dict]]:
     """(open_clip config, CLIP state, decoder state or None, our resolved config dict or None) of a
-    directory in open_clip's local-dir layout: our export, or a released OpenVision PyTorch model."""
+    directory in open_clip's local-dir layout: our export, or a released OpenVision PyTorch model.
+    The decoder state is None when the directory has none or `decoder` is False (not read)."""
     directory = pathlib.Path(directory)
     config_path = directory / OPEN_CLIP_CONFIG
     if not config_path.is_file():
@@ -129,7 +131,7 @@ def read_export(directory: str | os.PathLike) -> tuple[dict, mapping.State, Opti
     if weights is None:
         raise ExportError(f"{directory} has no weights file (looked for {', '.join(WEIGHT_NAMES)})")
     decoder_path = directory / DECODER_WEIGHTS
-    decoder = load_state(decoder_path) if decoder_path.is_file() else None
+    decoder_state = load_state(decoder_path) if decoder and decoder_path.is_file() else None
     ours = directory / OUR_CONFIG
     our_config = yaml.safe_load(ours.read_text()) if ours.is_file() else None
-    return oc_config, load_state(weights), decoder, our_config
+    return oc_config, load_state(weights), decoder_state, our_config

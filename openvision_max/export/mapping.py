@@ -214,11 +214,12 @@ def from_open_clip(clip: State, decoder: Optional[State], cfg: Config) -> dict:
         out["b"] = _scalar(r, "logit_bias")
     r.check_all_taken()
     if decoder is not None:
-        out["decoder"] = _decoder_from_torch(decoder, cfg)
+        out["decoder"] = decoder_from_open_clip(decoder, cfg)
     return out
 
 
-def _decoder_from_torch(state: State, cfg: Config) -> dict:
+def decoder_from_open_clip(state: State, cfg: Config) -> dict:
+    """caption_decoder.safetensors' tensors -> our `decoder` subtree (NumPy float32); FormatError on mismatch."""
     r = _Reader(state, "caption decoder file")
     dw, q = cfg.decoder.width, cfg.decoder.caption_length
     out = {
