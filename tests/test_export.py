@@ -434,3 +434,21 @@ def test_import_errors(tiny, tmp_path, capsys):
     assert code == 2
     assert "transformer.resblocks.1.mlp.c_fc.weight has shape [32, 32], the config expects [64, 32]" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_run_config_is_read_back_for_inference():
+    """A multi-stage run's config.yml: the stage a checkpoint belongs to, on one CPU device, training-only
+    settings (mesh, remat, GPU attention) replaced."""
+    from openvision_max.config import config_to_dict, load_stages
+    from openvision_max.run_config import inference_config, stage_of
+
+    stages = load_stages([str(CONFIGS / "B16.yml"), "ici_fsdp_parallelism=8", "remat_policy=minimal_offloaded",
+                          "attention=cudnn"], platform="gpu", num_devices=8)
+    resolved = {"stages_resolved": [config_to_dict(c) for c in stages]}
+    first_steps = stages[0].steps
+    assert stage_of(resolved, first_steps)["image_size"] == 160
+    assert stage_of(resolved, first_steps + 1)["image_size"] == 224
+    assert stage_of(resolved, None)["image_size"] == 384
+    cfg = inference_config(stage_of(resolved, first_steps + 1), dtype="bfloat16", platform="cpu")
+    assert (cfg.image_size, cfg.dtype, cfg.attention, cfg.derived.num_devices) == (224, "bfloat16", "dot_product", 1)
+    assert cfg.derived.vision_remat_policy == "none" and cfg.stages == []
