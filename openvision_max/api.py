@@ -59,7 +59,10 @@ class OpenVisionModel:
     def encode_image(self, images: np.ndarray) -> np.ndarray:
         """float32 [n, H, W, 3] (normalised, as `preprocess` makes) -> L2-normalised float32 [n, E].
         Any H, W divisible by the patch size work (the position embedding is recomputed)."""
-        images = np.asarray(images, np.float32)
+        images = np.asarray(images)
+        if images.dtype == np.uint8:  # raw pixels would silently give meaningless embeddings
+            raise ValueError("encode_image takes normalised float images (see preprocess), got uint8")
+        images = images.astype(np.float32)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected float images [n, H, W, 3], got {list(images.shape)}")
         return self._batched(self._images, images)

@@ -345,13 +345,18 @@ def test_round_trip_other_layouts(overrides, tmp_path):
     assert_bit_equal(mapping.from_open_clip(clip, decoder, cfg), params)
 
 
-def test_import_without_decoder_initialises_a_fresh_one(tiny, tmp_path):
+def test_import_of_a_released_model_initialises_a_fresh_decoder(tiny, tmp_path, open_clip):
+    import torch
+    from safetensors.torch import load_file
+
     from openvision_max.import_open_clip import import_open_clip
 
-    released = tmp_path / "released"  # a released OpenVision model has no decoder file, nor our config
+    # A released OpenVision model: a PyTorch pickle, no decoder file, no config of ours.
+    released = tmp_path / "released"
     shutil.copytree(tiny.export, released)
-    (released / DECODER_WEIGHTS).unlink()
-    (released / "openvision_max_config.yml").unlink()
+    torch.save(load_file(str(released / "open_clip_model.safetensors")), released / "open_clip_pytorch_model.bin")
+    for name in ("open_clip_model.safetensors", DECODER_WEIGHTS, "openvision_max_config.yml"):
+        (released / name).unlink()
     out, how = import_open_clip(released, tiny.cfg, tmp_path / "imported")
     assert how.startswith("freshly initialised (seed 0)")
     params = checkpointing.load_parameters(out, abstract_params(tiny.cfg))
@@ -374,6 +379,8 @@ def test_load_model_reads_runs_checkpoints_steps_and_exports(tiny):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(openvision_max.api.LoadError, match="is not a run directory"):
         openvision_max.load_model(tiny.run.parent)
+    with pytest.raises(ValueError, match="normalised float images"):
+        model.encode_image(np.zeros((1, 32, 32, 3), np.uint8))
 
 
 def test_importing_the_package_does_not_import_jax():

@@ -96,13 +96,17 @@ def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pat
 
 def load_state(path: pathlib.Path) -> mapping.State:
     """A state dict file as NumPy float arrays: safetensors without torch, PyTorch pickles with it."""
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return load_file(str(path))
-    import torch  # a PyTorch pickle (.bin/.pth); weights_only refuses arbitrary code
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            return load_file(str(path))
+        import torch  # a PyTorch pickle (.bin/.pth); weights_only refuses arbitrary code
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, bfloat16 safetensors (no NumPy dtype), a foreign pickle...
+        raise ExportError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    # Upcasting bfloat16/float16 to float32 is exact.
     return {k.removeprefix("module."): v.float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in state.items()}
 

@@ -108,9 +108,10 @@ class _Reader:
         x = np.asarray(self.state[key])
         if x.shape != tuple(shape):
             raise FormatError(f"{self.what}: {key} has shape {list(x.shape)}, the config expects {list(shape)}")
-        if x.dtype != np.float32:
-            raise FormatError(f"{self.what}: {key} is {x.dtype}; only float32 checkpoints are read "
-                              "(convert it to float32 first)")
+        if x.dtype == np.float16:
+            x = x.astype(np.float32)  # exact; lower precision than our float32 parameters, but no loss here
+        elif x.dtype != np.float32:
+            raise FormatError(f"{self.what}: {key} is {x.dtype}; float32 (or float16) tensors are expected")
         self.taken.add(key)
         return x
 
