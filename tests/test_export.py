@@ -34,10 +34,12 @@ TINY_EXPORT = ["vocab_size=32000", "text.context_length=80", "decoder.depth=2"]
 CONFIG_ARGS = [str(CONFIGS / "base.yml"), *TINY, *TINY_EXPORT]  # the same model on the command line
 
 
-def random_params(cfg, seed=0):
-    """Parameters with every leaf random (no zeros or ones a broken mapping could also produce)."""
+def random_params(cfg, seed=0, std=0.05):
+    """Parameters with every leaf random (no zeros or ones a broken mapping could also produce); matrices
+    with `std`, vectors with 0.05."""
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.05).astype(np.float32), abstract_params(cfg))
+    params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) * (std if len(s.shape) >= 2 else 0.05)
+                                     ).astype(np.float32), abstract_params(cfg))
     for name in ("vision", "text", "decoder"):  # LayerNorm scales near 1, as trained ones are
         params[name] = jax.tree_util.tree_map_with_path(
             lambda p, x: x + 1 if p[-1].key == "scale" else x, params[name])
@@ -76,7 +78,7 @@ def sample_photos():
 def tiny(tmp_path_factory):
     """A random tiny model saved as a run, exported through the CLI, and loaded by open_clip and by us."""
     cfg = tiny_config(*TINY_EXPORT)
-    params = random_params(cfg)
+    params = random_params(cfg, std=0.2)  # large enough that zero-shot predictions differ between images
     tmp = tmp_path_factory.mktemp("tiny")
     run = save_run(cfg, params, tmp / "run")
     export_cli.main([*CONFIG_ARGS, f"load_parameters_path={run}", f"export_dir={tmp / 'export'}"])
@@ -201,25 +203,28 @@ def test_open_clip_cleans_text_first(tiny_pair):
 
 @dataclasses.dataclass
 class ZeroShotCase:
-    """Images (uint8 [H, W, 3], any size) with class names and prompt templates: swap in a real dataset."""
+    """Images (uint8 [H, W, 3]) with class names and prompt templates: swap in a real dataset (the demo's
+    held-out digits) here."""
     images: list
     classnames: list
     templates: list
 
 
 def zero_shot_case():
-    photos = sample_photos()
+    """Square photos and noise: on square images both preprocessings give identical pixels (non-square ones
+    differ by up to a one-pixel shift, test_preprocessing_differs_slightly_on_other_aspect_ratios)."""
+    squares = [im[:min(im.shape[:2]), :min(im.shape[:2])] for im in sample_photos().values()]
     rng = np.random.default_rng(3)
-    noise = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(4)]
-    return ZeroShotCase(list(photos.values()) + noise, ["astronaut", "cat", "cup of coffee", "rocket", "horse",
-                                                        "digit zero", "tench", "noise"],
-                        ["a photo of a {}.", "a bad photo of the {}.", "{}"])
+    noise = [rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for s in (32, 48, 64, 100)]
+    return ZeroShotCase(squares + noise, ["astronaut", "cat", "cup of coffee", "rocket", "horse", "digit zero",
+                                          "tench", "noise"], ["a photo of a {}.", "a bad photo of the {}.", "{}"])
 
 
-def zero_shot_argmax(embed_images, embed_texts, case):
+def zero_shot_logits(embed_images, embed_texts, case):
+    """[images, classes] cosine similarities with prompt-averaged, re-normalised class embeddings."""
     cls = np.stack([embed_texts([t.format(c) for t in case.templates]).mean(0) for c in case.classnames])
     cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
-    return np.argmax(embed_images(case.images) @ cls.T, axis=1)
+    return embed_images(case.images) @ cls.T
 
 
 def test_zero_shot_argmax_matches_open_clip(tiny_pair):
@@ -239,23 +244,35 @@ def test_zero_shot_argmax_matches_open_clip(tiny_pair):
         with torch.no_grad():
             return oc_model.encode_text(oc_tok(texts), normalize=True).numpy()
 
-    want = zero_shot_argmax(oc_images, oc_texts, case)
-    got = zero_shot_argmax(lambda ims: ours.encode_image(np.stack([ours.preprocess(im) for im in ims])),
+    want = zero_shot_logits(oc_images, oc_texts, case)
+    got = zero_shot_logits(lambda ims: ours.encode_image(np.stack([ours.preprocess(im) for im in ims])),
                            lambda texts: ours.encode_text(ours.tokenize(texts)), case)
-    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - want).max() < TOL
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    assert len(set(want.argmax(1))) > 1  # the case tells images apart (a random model favours few classes)
 
 
 def test_preprocessing_matches_open_clip_on_square_images(tiny_pair):
-    """resize_mode 'shortest' is our eval transform; on square images the pixels are identical. (On others
-    the long side and crop offset round differently by up to a pixel: docs/export.md.)"""
+    """resize_mode 'shortest' is our eval transform; on square images the pixels are identical."""
     from PIL import Image
 
     ours, _, oc_pre, _ = tiny_pair
-    for name in ("astronaut", "coffee"):
-        im = sample_photos()[name]
-        side = min(im.shape[:2])
-        square = Image.fromarray(im[:side, :side])
-        np.testing.assert_allclose(oc_pre(square).permute(1, 2, 0).numpy(), ours.preprocess(square), atol=1e-6)
+    for im in zero_shot_case().images:
+        pil = Image.fromarray(im)
+        np.testing.assert_allclose(oc_pre(pil).permute(1, 2, 0).numpy(), ours.preprocess(pil), atol=1e-6)
+
+
+def test_preprocessing_differs_slightly_on_other_aspect_ratios(tiny_pair):
+    """torchvision (open_clip) rounds the long side down and the crop offset to nearest; data/transforms.py
+    rounds the long side to nearest and the offset down, in one resampling pass. Pixels then differ by up to
+    a one-pixel shift: small on photos, documented in docs/export.md."""
+    from PIL import Image
+
+    ours, _, oc_pre, _ = tiny_pair
+    diffs = {name: np.abs(oc_pre(Image.fromarray(im)).permute(1, 2, 0).numpy() - ours.preprocess(im)).mean()
+             for name, im in sample_photos().items()}
+    assert diffs["astronaut"] < 1e-6 and diffs["coffee"] < 1e-6  # 512 x 512; 400 x 600 resizes exactly
+    assert 1e-3 < diffs["chelsea"] < 0.1 and 1e-3 < diffs["rocket"] < 0.1  # normalised units (std 1)
 
 
 def test_caption_decoder_loads_into_open_clip_blocks(tiny, open_clip):
@@ -304,7 +321,7 @@ def test_b16_at_224_matches_open_clip(tmp_path, open_clip):
 
     cfg = load_config([str(CONFIGS / "B16.yml"), "image_size=224", "dtype=float32"], platform="cpu",
                       num_devices=1)
-    params = random_params(cfg)  # NumPy: JAX's init of 250M parameters takes far longer on CPU
+    params = random_params(cfg, std=0.02)  # NumPy: JAX's init of 250M parameters takes far longer on CPU
     start = time.perf_counter()
     write_export(params, cfg, tmp_path / "b16")
     print(f"B/16 export: {time.perf_counter() - start:.1f}s")
