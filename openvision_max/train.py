@@ -17,7 +17,7 @@ import yaml
 
 from openvision_max import checkpointing, mfu, models, optimizer
 from openvision_max.config import cli_config, config_to_dict
-from openvision_max.data.shards import DataError, resolve
+from openvision_max.data.locate import DataError, resolve
 from openvision_max.evals.runner import EvalRunner
 from openvision_max.loop import StageResult, TrainingStopped, run_stage
 from openvision_max.metrics import MetricsWriter

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from openvision_max.data import shards as shards_lib
+from openvision_max.data import locate
 from openvision_max.data.examples import ExampleSpec, MakeExample
 from openvision_max.schema import Config
 from openvision_max.sharding import batch_sharding
@@ -53,7 +53,7 @@ def example_stream(cfg: Config, shard_paths: list[str], *, process_index: int, p
     """This host's infinite stream of examples (or skip markers)."""
     num_records = len(grain.sources.ArrayRecordDataSource(shard_paths))
     if num_records == 0:
-        raise shards_lib.DataError(f"the training shards hold no records: {', '.join(shard_paths[:3])}")
+        raise locate.DataError(f"the training shards hold no records: {', '.join(shard_paths[:3])}")
     spec = ExampleSpec(image_size=cfg.image_size, context_length=cfg.text.context_length,
                        caption_length=cfg.decoder.caption_length, seed=cfg.seed, augment=augment)
     ds = grain.MapDataset.range(num_records).seed(cfg.seed).shuffle().repeat()
@@ -84,10 +84,10 @@ class GrainIterator:
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if cfg.global_batch_size % self.process_count:
-            raise shards_lib.DataError(f"global_batch_size={cfg.global_batch_size} is not divisible by the "
+            raise locate.DataError(f"global_batch_size={cfg.global_batch_size} is not divisible by the "
                                        f"{self.process_count} hosts")
         self.host_batch = cfg.global_batch_size // self.process_count
-        self.shard_paths = shards_lib.resolve(cfg.train_data, cfg.data_cache_dir)
+        self.shard_paths = locate.resolve(cfg.train_data, cfg.data_cache_dir)
         self._stream = example_stream(cfg, self.shard_paths, process_index=self.process_index,
                                       process_count=self.process_count, augment=augment)
         self._it = iter(self._stream)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from jax.sharding import Mesh
 
-from openvision_max.data import shards as shards_lib
+from openvision_max.data import locate
 from openvision_max.evals import zeroshot
 from openvision_max.evals.encoder import Encoder
 from openvision_max.schema import Config
@@ -36,16 +36,16 @@ class _ZeroShot:
 
 def _zeroshot(cfg: Config, entry: dict) -> _ZeroShot:
     path = entry["path"]
-    names = list(entry.get("class_names") or shards_lib.class_names(path, cfg.data_cache_dir))
+    names = list(entry.get("class_names") or locate.class_names(path, cfg.data_cache_dir))
     if not names:
-        raise shards_lib.DataError(f"eval {entry['name']}: {path} lists no classes in dataset.json; "
+        raise locate.DataError(f"eval {entry['name']}: {path} lists no classes in dataset.json; "
                                    "give class_names in the eval entry")
-    templates = list(entry.get("templates") or shards_lib.templates(path, cfg.data_cache_dir)
+    templates = list(entry.get("templates") or locate.templates(path, cfg.data_cache_dir)
                      or zeroshot.DEFAULT_TEMPLATES)
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise shards_lib.DataError(f"eval {entry['name']}: template {bad[0]!r} has no {{}} for the class name")
-    return _ZeroShot(entry["name"], shards_lib.resolve([path], cfg.data_cache_dir), names, templates,
+        raise locate.DataError(f"eval {entry['name']}: template {bad[0]!r} has no {{}} for the class name")
+    return _ZeroShot(entry["name"], locate.resolve([path], cfg.data_cache_dir), names, templates,
                      entry.get("max_examples"))
 
 

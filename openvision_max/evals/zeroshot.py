@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 import grain
 import numpy as np
 
-from openvision_max.data import shards as shards_lib
+from openvision_max.data import locate
 from openvision_max.data import transforms
 from openvision_max.data.records import Record, RecordError
 from openvision_max.evals.encoder import Encoder
@@ -79,5 +79,5 @@ def evaluate(encoder: Encoder, shard_paths: Sequence[str], class_names: Sequence
         top5 += int((ranked == labels[:, None]).any(axis=1).sum())
         n += len(labels)
     if n == 0:
-        raise shards_lib.DataError(f"no usable labelled records in {', '.join(shard_paths[:3])}")
+        raise locate.DataError(f"no usable labelled records in {', '.join(shard_paths[:3])}")
     return {"top1": top1 / n, "top5": top5 / n, "examples": float(n)}

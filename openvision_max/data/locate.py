@@ -1,4 +1,4 @@
-"""Finding a dataset's ArrayRecord shards from what a config names, with one clear error per bad path.
+"""Locating a dataset's ArrayRecord shards from what a config names, with one clear error per bad path.
 
 An entry of `train_data` (or an eval's `path`) may be:
 - a dataset directory (the converter's output: `*.array_record` + dataset.json),
