@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = make_plan(args, inputs)
         check_output(args.output)
     except UsageError as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, f"{p.prog}: error: {' '.join(str(e).split())}\n")  # one line even if a library's message is not
     workers = args.workers or len(os.sched_getaffinity(0))
     try:
         total = run_jobs(args.format, args.output, plan.jobs, workers, progress=not args.quiet)

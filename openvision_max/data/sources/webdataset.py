@@ -36,8 +36,10 @@ def plan(inputs: Sequence[pathlib.Path], prefix: str, recaption_field: str) -> P
         try:
             with tarfile.open(path, "r:*"):
                 pass
-        except (tarfile.TarError, OSError) as e:
-            raise UsageError(f"cannot open {path} as a tar file: {e}") from None
+        except tarfile.TarError:
+            raise UsageError(f"cannot open {path}: not a tar archive") from None
+        except OSError as e:
+            raise UsageError(f"cannot open {path}: {e.strerror or e}") from None
         st = path.stat()
         source = {"tar": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                   "recaption_field": recaption_field}
