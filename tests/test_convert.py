@@ -11,7 +11,6 @@ import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from openvision_max.data import convert
@@ -46,7 +45,8 @@ def digest(path: pathlib.Path) -> str:
 
 def test_webdataset_photos(tmp_path, capsys):
     tar, expected = make_photo_webdataset(tmp_path)
-    status, report, _ = run(capsys, "--format", "webdataset", "--input", tmp_path / "*.tar", "--output", tmp_path / "out")
+    status, report, _ = run(capsys, "--format", "webdataset", "--input", tmp_path / "*.tar",
+                            "--output", tmp_path / "out")
     assert status == 0
     assert report == {"written": 6, "skipped": SKIPPED}
     info, records = read_dataset(tmp_path / "out")
