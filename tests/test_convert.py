@@ -77,13 +77,13 @@ def test_webdataset_resume(tmp_path, capsys):
     before = {s: (s.stat().st_mtime_ns, digest(s)) for s in shards}
 
     shards[1].unlink()  # as if the run had died before finishing shard 1
-    (out / ".data-00001-of-00003.array_record.partial").write_bytes(b"half a shard")
+    (out / ".data-00001-of-00003.array_record.partial-999999").write_bytes(b"half a shard")  # a killed run's
     os.utime(shards[0], ns=(1, 1))  # an old mtime makes any rewrite of shard 0 visible
     status, report, _ = run(capsys, *argv)
     assert (status, report) == (0, total)  # totals include the shards that were not rewritten
     assert shards[0].stat().st_mtime_ns == 1 and shards[2].stat().st_mtime_ns == before[shards[2]][0]
     assert digest(shards[1]) == before[shards[1]][1]  # rewritten identically
-    assert not (out / ".data-00001-of-00003.array_record.partial").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
     assert DatasetInfo.read(out).num_records == 18
 
 
