@@ -206,6 +206,7 @@ def test_usage_errors_one_line_exit_2(tmp_path, capsys):
         (["--format", "imagefolder", "--input", tmp_path / "t.csv", "--output", out], "t.csv"),
         (["--format", "webdataset", "--input", tar, "--output", a_file / "sub"], str(a_file)),
         (["--format", "parquet", "--input", tar, "--output", out], "parquet"),
+        (["--format", "webdataset", "--input", tar, "--output", out, "--template", "a photo"], "a photo"),
     ]
     for argv, named in cases:
         status, report, err = run(capsys, *argv)

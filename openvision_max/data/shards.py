@@ -51,11 +51,12 @@ def completed(shard: pathlib.Path, source: Any) -> Optional[ShardStats]:
         return None
     try:
         meta = json.loads(side.read_text())
-    except (OSError, ValueError):
+        if meta["source_sha256"] != source_digest(source):
+            return None
+        return ShardStats(int(meta["written"]), collections.Counter(meta["skipped"]),
+                          int(meta.get("recaption_fallbacks", 0)))
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or foreign sidecar: rewrite the shard
         return None
-    if meta.get("source_sha256") != source_digest(source):
-        return None
-    return ShardStats(meta["written"], collections.Counter(meta["skipped"]), meta.get("recaption_fallbacks", 0))
 
 
 class ShardWriter:
