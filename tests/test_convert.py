@@ -11,7 +11,6 @@ import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from openvision_max.data import convert
@@ -46,7 +45,8 @@ def digest(path: pathlib.Path) -> str:
 
 def test_webdataset_photos(tmp_path, capsys):
     tar, expected = make_photo_webdataset(tmp_path)
-    status, report, _ = run(capsys, "--format", "webdataset", "--input", tmp_path / "*.tar", "--output", tmp_path / "out")
+    status, report, _ = run(capsys, "--format", "webdataset", "--input", tmp_path / "*.tar",
+                            "--output", tmp_path / "out")
     assert status == 0
     assert report == {"written": 6, "skipped": SKIPPED}
     info, records = read_dataset(tmp_path / "out")
@@ -77,13 +77,13 @@ def test_webdataset_resume(tmp_path, capsys):
     before = {s: (s.stat().st_mtime_ns, digest(s)) for s in shards}
 
     shards[1].unlink()  # as if the run had died before finishing shard 1
-    (out / ".data-00001-of-00003.array_record.partial").write_bytes(b"half a shard")
+    (out / ".data-00001-of-00003.array_record.partial-999999").write_bytes(b"half a shard")  # a killed run's
     os.utime(shards[0], ns=(1, 1))  # an old mtime makes any rewrite of shard 0 visible
     status, report, _ = run(capsys, *argv)
     assert (status, report) == (0, total)  # totals include the shards that were not rewritten
     assert shards[0].stat().st_mtime_ns == 1 and shards[2].stat().st_mtime_ns == before[shards[2]][0]
     assert digest(shards[1]) == before[shards[1]][1]  # rewritten identically
-    assert not (out / ".data-00001-of-00003.array_record.partial").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
     assert DatasetInfo.read(out).num_records == 18
 
 
@@ -206,6 +206,7 @@ def test_usage_errors_one_line_exit_2(tmp_path, capsys):
         (["--format", "imagefolder", "--input", tmp_path / "t.csv", "--output", out], "t.csv"),
         (["--format", "webdataset", "--input", tar, "--output", a_file / "sub"], str(a_file)),
         (["--format", "parquet", "--input", tar, "--output", out], "parquet"),
+        (["--format", "webdataset", "--input", tar, "--output", out, "--template", "a photo"], "a photo"),
     ]
     for argv, named in cases:
         status, report, err = run(capsys, *argv)

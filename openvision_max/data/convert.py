@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from openvision_max.data.records import DatasetInfo, RecordError
+from openvision_max.data.records import INFO_FILE, DatasetInfo, RecordError
 from openvision_max.data.shards import ShardStats, ShardWriter, completed
 from openvision_max.data.sources import imagefolder, table, webdataset
 from openvision_max.data.sources.sample import Job, Plan, UsageError, to_record
@@ -172,6 +172,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--records-per-shard must be at least 1")
     if args.workers is not None and args.workers < 1:
         p.error("--workers must be at least 1")
+    for template in args.templates:
+        if template.count("{}") != 1:
+            p.error(f"--template {template!r} must hold exactly one {{}}")
     try:
         inputs = expand_inputs(args.input, want_dir=args.format == "imagefolder")
         plan = make_plan(args, inputs)
@@ -187,6 +190,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     DatasetInfo(source_format=args.format, num_records=total.written, shards=[j.shard for j in plan.jobs],
                 classes=plan.classes, skipped=skipped, templates=args.templates,
                 recaption_fallbacks=total.recaption_fallbacks).write(args.output)
+    foreign = sorted({f.name for f in args.output.glob("*.array_record")} - {j.shard for j in plan.jobs})
+    if foreign:  # e.g. from an earlier conversion with another shard count; readers go by dataset.json
+        print(f"{p.prog}: warning: {len(foreign)} shard files in {args.output} are not part of this dataset "
+              f"(not listed in {INFO_FILE}), e.g. {foreign[0]}", file=sys.stderr)
     print(json.dumps({"written": total.written, "skipped": skipped}), flush=True)
     return 0
 

@@ -1,15 +1,16 @@
 """Procedural 64x64 scenes of coloured shapes with matching alt-texts and multi-sentence recaptions.
 
 A scene holds one to three shapes (`KINDS` x `COLOURS`, three sizes, anywhere in the frame, never
-overlapping) on a background that is plain, a two-tone gradient, or plain with mild noise (grain under the shapes only), drawn from
+overlapping) on a background that is plain, a two-tone gradient, or plain with mild noise, drawn from
 `BACKGROUNDS` (greys and muted tones, so every shape colour stands out by hue). Half the training scenes hold a
-single shape, so that zero-shot prompts like "a red circle." are in-distribution; the rest hold two or three,
-either alike ("two red circles") or mixed ("a red circle and a blue star").
+single shape, so that zero-shot prompts like "a red circle." are in-distribution; the rest hold two or three
+small or medium shapes (two large ones do not fit side by side), either alike ("two red circles") or mixed
+("a red circle and a blue star").
 
 The recaption's sentences each stay true on their own when the pipeline splits it on [.!]+ and picks one as
 the second contrastive text: a summary, one sentence per shape (size and position), one on the background.
-Shapes are drawn as masks at twice the size and halved, which anti-aliases their edges. Everything derives from a numpy
-Generator, so a seed fixes every byte.
+Shapes are drawn as masks at twice the size and halved, which anti-aliases their edges. Everything derives
+from a numpy Generator, so a seed fixes every byte.
 """
 
 from __future__ import annotations

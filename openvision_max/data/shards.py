@@ -1,6 +1,6 @@
 """Writing one ArrayRecord shard so that an interrupted run can resume.
 
-A shard is written under a temporary name (`.<shard>.partial`) and renamed when complete; beside it a
+A shard is written under a temporary name (`.<shard>.partial-<pid>`) and renamed when complete; beside it a
 sidecar `<shard>.json` holds what went into it (`written`, `skipped` by reason, `recaption_fallbacks`) and the
 SHA-256 of a JSON description of the input it came from (`source_sha256`; the description can be long, e.g. an
 image list). A shard counts as done only when both files exist and the sidecar's digest matches the source
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -50,11 +51,12 @@ def completed(shard: pathlib.Path, source: Any) -> Optional[ShardStats]:
         return None
     try:
         meta = json.loads(side.read_text())
-    except (OSError, ValueError):
+        if meta["source_sha256"] != source_digest(source):
+            return None
+        return ShardStats(int(meta["written"]), collections.Counter(meta["skipped"]),
+                          int(meta.get("recaption_fallbacks", 0)))
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or foreign sidecar: rewrite the shard
         return None
-    if meta.get("source_sha256") != source_digest(source):
-        return None
-    return ShardStats(meta["written"], collections.Counter(meta["skipped"]), meta.get("recaption_fallbacks", 0))
 
 
 class ShardWriter:
@@ -67,10 +69,15 @@ class ShardWriter:
     def __init__(self, path: str | pathlib.Path, source: Any):
         self.path = pathlib.Path(path)
         self.source = source
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        # Named per process: a worker orphaned by a killed run may still be finishing this shard while a re-run
+        # writes it again; each writes its own file and the renames are atomic (the contents are identical).
+        self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._writer: Optional[ArrayRecordWriter] = None
 
     def __enter__(self) -> "ShardWriter":
+        for name in (self.path.name, sidecar_path(self.path).name):  # left by a killed run
+            for stale in self.path.parent.glob(f".{glob.escape(name)}.partial-*"):
+                stale.unlink(missing_ok=True)
         self._writer = ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
         return self
 
@@ -81,7 +88,7 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         side = sidecar_path(self.path)
-        side_tmp = side.with_name(f".{side.name}.partial")
+        side_tmp = side.with_name(f".{side.name}.partial-{os.getpid()}")
         side_tmp.write_text(json.dumps({"written": stats.written, "skipped": dict(sorted(stats.skipped.items())),
                                         "recaption_fallbacks": stats.recaption_fallbacks,
                                         "source_sha256": source_digest(self.source)}, indent=1) + "\n")
