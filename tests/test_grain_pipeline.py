@@ -162,3 +162,28 @@ def test_bad_paths_fail_before_training_with_one_line(tmp_path, data, message):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and message.format(bad=bad) in lines[0], r.stderr
     assert "step " not in r.stdout
+
+
+def test_converted_photo_webdataset_reads_back_through_the_pipeline(tmp_path, capsys):
+    from photo_data import SKIPPED, make_photo_webdataset
+
+    from openvision_max.data import convert
+    tar, expected = make_photo_webdataset(tmp_path)
+    assert convert.main(["--format", "webdataset", "--input", str(tar), "--output", str(tmp_path / "out"),
+                         "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report == {"written": len(expected), "skipped": SKIPPED}
+    it = pipeline(tmp_path / "out", "image_size=64", batch=len(expected))
+    batch = next(it)
+    assert sorted(it.last_keys) == sorted(expected)
+    assert batch["images"].shape == (len(expected), 64, 64, 3) and batch["images"].dtype == np.uint8
+    assert np.asarray(batch["images"]).std() > 10  # real pixels, not a blank canvas
+    texts = np.asarray(batch["texts"])
+    assert texts.shape == (2 * len(expected), 80) and texts.dtype == np.int32
+    tok = tk.Tokenizer()
+    np.testing.assert_array_equal(texts[:len(expected)],
+                                  tok.encoder_ids([expected[k]["alt_text"] for k in it.last_keys], 80))
+    targets, mask = tok.decoder_targets([expected[k]["recaption"] for k in it.last_keys], 32)
+    np.testing.assert_array_equal(np.asarray(batch["caption_targets"]), targets)
+    np.testing.assert_array_equal(np.asarray(batch["caption_mask"]), mask)
+    it.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+import sys
 from typing import Sequence
 
 from openvision_max.data.records import SHARD_SUFFIX, DatasetInfo
@@ -25,7 +26,8 @@ class DataError(ValueError):
 
 def _demo_directory(name: str, cache_dir: str) -> pathlib.Path:
     from openvision_max.data import demo_data  # only demo runs pay for generating it
-    dirs = demo_data.ensure_demo_data(pathlib.Path(os.path.expanduser(cache_dir)))
+    dirs = demo_data.ensure_demo_data(pathlib.Path(os.path.expanduser(cache_dir)) / "demo",
+                                      log=lambda line: print(f"demo data: {line}", file=sys.stderr, flush=True))
     if name not in dirs:
         raise DataError(f"unknown demo dataset {DEMO_SCHEME}{name}; available: "
                         + ", ".join(DEMO_SCHEME + k for k in sorted(dirs)))
