@@ -91,6 +91,7 @@ class Config:
     max_checkpoints_to_keep: int
     eval_only: bool
     load_parameters_path: str
+    export_dir: str
     stage: str
     stages: list[dict]
     # Model.

@@ -1,0 +1,141 @@
+"""An export directory: writing it (atomically) and reading it back.
+
+    DIR/open_clip_config.json          open_clip's hub-style config (model_cfg + preprocess_cfg)
+    DIR/open_clip_model.safetensors    the CLIP towers and logit_scale, open_clip names, float32
+    DIR/tokenizer.json, tokenizer_config.json   the BERT-uncased WordPiece for open_clip's HFTokenizer
+    DIR/caption_decoder.safetensors    the caption decoder (open_clip block names, see docs/export.md)
+    DIR/caption_decoder_config.json    its dimensions, inputs and mask
+    DIR/openvision_max_config.yml      the resolved config of the exported model (for load_model / import)
+
+Safetensors are written and read with NumPy (safetensors.numpy), so exporting needs no torch; reading a
+PyTorch pickle (`.bin`/`.pth`, e.g. a released model) imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from openvision_max.config import config_to_dict
+from openvision_max.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, PAD_ID, VOCAB_PATH
+from openvision_max.export import mapping
+from openvision_max.export.open_clip_config import decoder_config, open_clip_config
+from openvision_max.schema import Config
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+WEIGHTS = "open_clip_model.safetensors"
+DECODER_WEIGHTS = "caption_decoder.safetensors"
+DECODER_CONFIG = "caption_decoder_config.json"
+OUR_CONFIG = "openvision_max_config.yml"
+# Where open_clip looks for weights in a local dir, in its order of preference (factory._find_checkpoint_in_dir).
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+                "model.pth")
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be written or read; the message is one line."""
+
+
+def save_tokenizer(directory: pathlib.Path, vocab_path: pathlib.Path = VOCAB_PATH) -> None:
+    """Writes the HF tokenizer files open_clip's HFTokenizer loads with AutoTokenizer (offline).
+
+    The same WordPiece as data/tokenizer.py (BERT-uncased: lower-case, accents stripped, CJK split), with
+    `[unused0]`/`[unused1]` named as bos/eos so tokenizer_mode 'clips' frames ids as we do.
+    """
+    from transformers import BertTokenizer  # the export extra; transformers 5 backs it with `tokenizers`
+
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True,
+                        bos_token="[unused0]", eos_token="[unused1]", pad_token="[PAD]", cls_token="[CLS]")
+    ids = (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.cls_token_id)
+    if ids != (PAD_ID, BOS_ID, EOS_ID, CLS_ID):  # a vocabulary other than BERT-uncased's
+        raise ExportError(f"tokenizer special ids (pad, bos, eos, cls) are {ids}, expected "
+                          f"{(PAD_ID, BOS_ID, EOS_ID, CLS_ID)}")
+    tok.save_pretrained(str(directory))
+
+
+def _save_safetensors(path: pathlib.Path, state: mapping.State, metadata: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+    save_file(state, str(path), metadata=metadata)
+
+
+def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pathlib.Path:
+    """Writes the export of `params` (a tree of arrays fitting `cfg`) to `export_dir`, which must not exist
+    or be empty. Files go to a temporary sibling directory renamed into place at the end, so a failure
+    leaves nothing behind under `export_dir`."""
+    target = pathlib.Path(export_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ExportError(f"{target} already exists and is not an empty directory")
+    clip, decoder = mapping.to_open_clip(params, cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg), indent=2) + "\n")
+        _save_safetensors(tmp / WEIGHTS, clip, {"format": "pt"})
+        save_tokenizer(tmp)
+        (tmp / DECODER_CONFIG).write_text(json.dumps(decoder_config(cfg), indent=2) + "\n")
+        _save_safetensors(tmp / DECODER_WEIGHTS, decoder, {"format": "pt"})
+        (tmp / OUR_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_state(path: pathlib.Path) -> mapping.State:
+    """A state dict file as NumPy float arrays: safetensors without torch, PyTorch pickles with it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            return load_file(str(path))
+        import torch  # a PyTorch pickle (.bin/.pth); weights_only refuses arbitrary code
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, bfloat16 safetensors (no NumPy dtype), a foreign pickle...
+        raise ExportError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    # Upcasting bfloat16/float16 to float32 is exact.
+    return {k.removeprefix("module."): v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items()}
+
+
+def find_weights(directory: pathlib.Path) -> Optional[pathlib.Path]:
+    """The CLIP weights file open_clip would pick in `directory` (its preferred names only)."""
+    return next((directory / n for n in WEIGHT_NAMES if (directory / n).is_file()), None)
+
+
+def read_export(directory: str | os.PathLike, *, decoder: bool = True
+                ) -> tuple[dict, mapping.State, Optional[mapping.State], Optional[dict]]:
+    """(open_clip config, CLIP state, decoder state or None, our resolved config dict or None) of a
+    directory in open_clip's local-dir layout: our export, or a released OpenVision PyTorch model.
+    The decoder state is None when the directory has none or `decoder` is False (not read)."""
+    directory = pathlib.Path(directory)
+    config_path = directory / OPEN_CLIP_CONFIG
+    if not config_path.is_file():
+        raise ExportError(f"{directory} has no {OPEN_CLIP_CONFIG}: not an open_clip model directory")
+    try:
+        oc_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"cannot parse {config_path}: {e}") from None
+    if "model_cfg" not in oc_config:
+        raise ExportError(f"{config_path} has no model_cfg")
+    weights = find_weights(directory)
+    if weights is None:
+        raise ExportError(f"{directory} has no weights file (looked for {', '.join(WEIGHT_NAMES)})")
+    decoder_path = directory / DECODER_WEIGHTS
+    decoder_state = load_state(decoder_path) if decoder and decoder_path.is_file() else None
+    ours = directory / OUR_CONFIG
+    our_config = yaml.safe_load(ours.read_text()) if ours.is_file() else None
+    return oc_config, load_state(weights), decoder_state, our_config
