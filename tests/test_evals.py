@@ -84,3 +84,43 @@ def test_eval_only_reproduces_the_runs_own_zero_shot_figures(tmp_path):
     assert set(trained) >= {"eval/shapes/top1", "eval/shapes/top5", "eval/digits/top1", "eval/digits/top5"}
     assert trained == evaluated
     assert trained["eval/shapes/examples"] == 1500 and trained["eval/digits/examples"] == 500
+
+    # eval_only on a COCO-format folder of real photos with hand-written captions: all six recalls.
+    annotations, image_dir = coco_folder(tmp_path / "coco")
+    spec = f"[{{name: coco, type: retrieval, format: coco, path: {annotations}, image_dir: {image_dir}}}]"
+    ret = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIGS / "demo.yml"), "run_name=coco",
+                          "eval_only=true", f"load_parameters_path={tmp_path / 'run'}", f"evals={spec}", *common],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert ret.returncode == 0, ret.stderr[-3000:]
+    recalls = evals("coco")
+    names = [f"eval/coco/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert set(names) <= set(recalls)
+    for d in ("i2t", "t2i"):
+        r = [recalls[f"eval/coco/{d}_r{k}"] for k in (1, 5, 10)]
+        assert 0 <= r[0] <= r[1] <= r[2] <= 1
+    assert recalls["eval/coco/i2t_r10"] == 1.0  # 6 images x 2 captions: every image's captions are in a top 10
+
+
+CAPTIONS = {
+    "astronaut": ["a woman astronaut in an orange suit", "an astronaut smiling in front of a flag"],
+    "chelsea": ["a tabby cat looking to the side", "close up of a striped cat"],
+    "coffee": ["a cup of coffee on a saucer", "a white coffee cup on a red table"],
+    "rocket": ["a rocket on the launch pad", "a space rocket under a blue sky"],
+    "camera": ["a man with a camera on a tripod", "black and white photo of a photographer"],
+    "horse": ["the silhouette of a horse", "a black horse shape on white"],
+}
+
+
+def coco_folder(root):
+    from photo_data import photo_bytes
+    images = root / "val2017"
+    images.mkdir(parents=True)
+    data = {"images": [], "annotations": []}
+    for i, (name, caps) in enumerate(CAPTIONS.items()):
+        (images / f"{i:012d}.jpg").write_bytes(photo_bytes(name, "JPEG"))
+        data["images"].append({"id": 100 + i, "file_name": f"{i:012d}.jpg"})
+        data["annotations"] += [{"id": 1000 + 10 * i + j, "image_id": 100 + i, "caption": c}
+                                for j, c in enumerate(caps)]
+    annotations = root / "captions_val2017.json"
+    annotations.write_text(json.dumps(data))
+    return annotations, images

@@ -7,13 +7,14 @@ hours later at the first eval. Zero-shot class embeddings are cached per checkpo
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 from typing import Any, Optional
 
 from jax.sharding import Mesh
 
 from openvision_max.data import locate
-from openvision_max.evals import zeroshot
+from openvision_max.evals import retrieval, zeroshot
 from openvision_max.evals.encoder import Encoder
 from openvision_max.schema import Config
 
@@ -49,7 +50,44 @@ def _zeroshot(cfg: Config, entry: dict) -> _ZeroShot:
                      entry.get("max_examples"))
 
 
-BUILDERS = {"zeroshot": _zeroshot}
+@dataclasses.dataclass
+class _Retrieval:
+    name: str
+    dataset: retrieval.RetrievalDataset
+
+    def run(self, encoder: Encoder, cache: dict) -> dict[str, float]:
+        return retrieval.evaluate(encoder, self.dataset)
+
+
+def _retrieval(cfg: Config, entry: dict) -> _Retrieval:
+    """`path` is the captions JSON: COCO's (`format: coco`, e.g. captions_val2017.json) or a Karpathy split
+    (`format: karpathy`, dataset_coco.json / dataset_flickr30k.json, with `split`); images in `image_dir`."""
+    fmt = entry.get("format", "coco")
+    path, image_dir = pathlib.Path(entry["path"]).expanduser(), entry.get("image_dir")
+    if fmt not in ("coco", "karpathy"):
+        raise locate.DataError(f"eval {entry['name']}: format {fmt!r} is not coco or karpathy")
+    if not path.is_file():
+        raise locate.DataError(f"eval {entry['name']}: no captions file at {path}")
+    if not image_dir or not pathlib.Path(image_dir).expanduser().is_dir():
+        raise locate.DataError(f"eval {entry['name']}: image_dir {image_dir!r} is not a directory")
+    image_dir = pathlib.Path(image_dir).expanduser()
+    try:
+        if fmt == "coco":
+            ds = retrieval.load_coco_captions(path, image_dir, name=entry["name"],
+                                              max_images=entry.get("max_images"))
+        else:
+            ds = retrieval.load_karpathy(path, image_dir, split=entry.get("split", "test"), name=entry["name"],
+                                         max_images=entry.get("max_images"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise locate.DataError(f"eval {entry['name']}: {path} is not a {fmt} captions file ({e})") from None
+    missing = [p for p in ds.image_paths if not p.is_file()]
+    if missing:
+        raise locate.DataError(f"eval {entry['name']}: {len(missing)} images listed in {path} are missing, "
+                               f"e.g. {missing[0]}")
+    return _Retrieval(entry["name"], ds)
+
+
+BUILDERS = {"zeroshot": _zeroshot, "retrieval": _retrieval}
 
 
 class EvalRunner:
