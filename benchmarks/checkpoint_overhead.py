@@ -19,7 +19,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def mean_step_time(out: str, name: str, steps: int, period: int, batch: int) -> float:
-    stages = load_stages([str(CONFIGS / "demo.yml"), f"base_output_directory={out}", f"run_name={name}",
+    stages = load_stages([str(CONFIGS / "demo.yml"), "dataset_type=synthetic", "evals=[]",
+                          f"base_output_directory={out}", f"run_name={name}",
                           f"steps={steps}", f"global_batch_size={batch}", "log_period=1", f"checkpoint_period={period}",
                           "max_checkpoints_to_keep=2"])
     run_dir = train(stages)

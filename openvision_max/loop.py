@@ -9,8 +9,8 @@ from typing import Any
 
 import jax
 
-from openvision_max import checkpointing, flops, models, optimizer
-from openvision_max.data.synthetic import SyntheticIterator
+from openvision_max import checkpointing, data as data_lib, flops, models, optimizer
+from openvision_max.evals.runner import EvalRunner
 from openvision_max.metrics import MetricsWriter
 from openvision_max.schema import Config
 from openvision_max.sharding import activate, create_mesh
@@ -68,39 +68,58 @@ def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointin
     name, offset = cfg.derived.stage_name, cfg.derived.step_offset
     mesh = create_mesh(cfg)
     model, tx = models.build(cfg), optimizer.build(cfg)
+    # Data and eval sets are opened before any compilation: a bad path fails in seconds.
+    data = data_lib.create_iterator(cfg, mesh)
+    evals = EvalRunner(cfg)
     print(f"stage {name}: {cfg.steps} steps of {cfg.global_batch_size} at {cfg.image_size}px, "
           f"mesh {dict(mesh.shape)}", flush=True)
-    with activate(cfg, mesh):
-        state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params, params_path, resume)
-        step_fn = jit_train_step(model, tx, cfg, mesh)
-        data = SyntheticIterator(cfg, mesh)
-        if data_state is not None:
-            data.set_state(data_state)
-        start = int(state.step)
-        timer = StepTimer(cfg, peak, start)
-        pending = None  # (step, device metrics) of the previous step: fetched one step late
-        for step in range(start + 1, cfg.steps + 1):
-            state, metrics = step_fn(state, next(data))
-            if pending is not None:
-                _log(cfg, writer, timer, *pending)
-            pending = (step, metrics) if step % cfg.log_period == 0 or step in (start + 1, cfg.steps) else None
-            meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
-                    "seed": cfg.seed, "data": data.get_state()}
-            if guard.preempted(offset + step):
-                ckpt.maybe_save(offset + step, state, meta, force=True)
-                ckpt.wait()
-                print(f"preempted: saved checkpoint at step {offset + step} (stage {name}, step {step}); "
-                      "exiting", flush=True)
-                return StageResult(params=None, preempted=True)
-            # Asynchronous: returns once the arrays are copied to host; the loop goes on stepping.
-            ckpt.maybe_save(offset + step, state, meta, force=step == cfg.steps)
+    try:
+        with activate(cfg, mesh):
+            return _steps(cfg, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
+                          evals)
+    finally:
+        data.close()
+
+
+def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
+           evals: EvalRunner) -> StageResult:
+    name, offset = cfg.derived.stage_name, cfg.derived.step_offset
+    state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params, params_path, resume)
+    step_fn = jit_train_step(model, tx, cfg, mesh)
+    if data_state is not None:
+        data.set_state(data_state)
+    start = int(state.step)
+    timer = StepTimer(cfg, peak, start)
+    pending = None  # (step, device metrics) of the previous step: fetched one step late
+    for step in range(start + 1, cfg.steps + 1):
+        state, metrics = step_fn(state, next(data))
         if pending is not None:
-            _log(cfg, writer, timer, *pending)
+            _log(cfg, writer, timer, *pending, data.metrics())
+        pending = (step, metrics) if step % cfg.log_period == 0 or step in (start + 1, cfg.steps) else None
+        meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
+                "seed": cfg.seed, "data": data.get_state()}
+        if guard.preempted(offset + step):
+            ckpt.maybe_save(offset + step, state, meta, force=True)
+            ckpt.wait()
+            print(f"preempted: saved checkpoint at step {offset + step} (stage {name}, step {step}); "
+                  "exiting", flush=True)
+            return StageResult(params=None, preempted=True)
+        # Asynchronous: returns once the arrays are copied to host; the loop goes on stepping.
+        ckpt.maybe_save(offset + step, state, meta, force=step == cfg.steps)
+        if evals and (step == cfg.steps or (cfg.eval_period and step % cfg.eval_period == 0)):
+            if pending is not None:
+                _log(cfg, writer, timer, *pending, data.metrics())
+                pending = None
+            writer.write(offset + step, name, evals.run(state.params, mesh, offset + step))
+            timer.last = (step, time.perf_counter())  # eval time is not training throughput
+    if pending is not None:
+        _log(cfg, writer, timer, *pending, data.metrics())
     return StageResult(params=state.params, preempted=False)
 
 
-def _log(cfg: Config, writer: MetricsWriter, timer: StepTimer, step: int, metrics) -> None:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _log(cfg: Config, writer: MetricsWriter, timer: StepTimer, step: int, metrics,
+         data_metrics: dict[str, float]) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()} | data_metrics
     writer.write(cfg.derived.step_offset + step, cfg.derived.stage_name, {**values, **timer.measure(step)})
     if values["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
         raise TrainingStopped(

@@ -121,7 +121,18 @@ class Config:
     adam_b2: float
     adam_eps: float
     # Data.
-    dataset_type: Literal["synthetic"]
+    dataset_type: Literal["synthetic", "grain"]
+    train_data: list[str]
+    data_cache_dir: str
+    train_augment: bool
+    grain_worker_count: int
+    grain_worker_buffer_size: int
+    grain_read_threads: int
+    grain_prefetch_buffer_size: int
+    # Evaluation.
+    evals: list[dict]
+    eval_period: int
+    eval_batch_size: int
     # Parallelism.
     ici_data_parallelism: int
     ici_fsdp_parallelism: int
@@ -185,6 +196,45 @@ def _check_model(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
 
 
+EVAL_TYPES = ("zeroshot", "retrieval")
+# Keys an `evals:` entry may carry, per evaluator type (beyond name, type and path).
+EVAL_OPTIONS = {
+    "zeroshot": ("class_names", "templates", "max_examples"),
+    "retrieval": ("format", "image_dir", "split", "max_images"),
+}
+
+
+def _check_data(cfg: Config) -> None:
+    if cfg.dataset_type == "grain" and not cfg.train_data and not cfg.eval_only:
+        raise ConfigError("dataset_type=grain needs train_data: dataset directories, shard files or patterns "
+                          "(e.g. train_data=[/data/recap/train] or train_data=[demo:shapes_train])")
+    for key in ("grain_worker_count", "grain_read_threads", "eval_period"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("grain_worker_buffer_size", "grain_prefetch_buffer_size", "eval_batch_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    names = set()
+    for i, entry in enumerate(cfg.evals):
+        where = f"evals[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping with name, type and path, got {entry!r}")
+        missing = [k for k in ("name", "type", "path") if k not in entry]
+        if missing:
+            raise ConfigError(f"{where} lacks {', '.join(missing)} (each eval needs name, type and path)")
+        if entry["type"] not in EVAL_TYPES:
+            raise ConfigError(f"{where}: type {entry['type']!r} is not one of {', '.join(EVAL_TYPES)}")
+        unknown = sorted(set(entry) - {"name", "type", "path", *EVAL_OPTIONS[entry["type"]]})
+        if unknown:
+            raise ConfigError(f"{where} ({entry['name']}): unknown option {unknown[0]!r}; a {entry['type']} eval "
+                              f"takes {', '.join(EVAL_OPTIONS[entry['type']])}")
+        if entry["name"] in names:
+            raise ConfigError(f"{where}: eval name {entry['name']!r} is used twice")
+        names.add(entry["name"])
+    if cfg.eval_only and not cfg.evals:
+        raise ConfigError("eval_only=true needs at least one entry in evals")
+
+
 def _check_backend(cfg: Config, platform: str) -> None:
     available = ATTENTION_AVAILABLE[platform]
     if cfg.attention not in available:
@@ -212,6 +262,7 @@ def finalize(cfg: Config, *, platform: str, num_devices: int, stage_name: str = 
     """Checks combinations of keys and returns `cfg` with `derived` filled in."""
     _check_model(cfg)
     _check_rules(cfg)
+    _check_data(cfg)
     _check_backend(cfg, platform)
     slices = cfg.compile_topology_num_slices if cfg.compile_topology else None
     dcn = (cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism, cfg.dcn_tensor_parallelism)

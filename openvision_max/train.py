@@ -15,11 +15,15 @@ from typing import Any
 import jax
 import yaml
 
-from openvision_max import checkpointing, mfu
+from openvision_max import checkpointing, mfu, models, optimizer
 from openvision_max.config import cli_config, config_to_dict
+from openvision_max.data.locate import DataError, resolve
+from openvision_max.evals.runner import EvalRunner
 from openvision_max.loop import StageResult, TrainingStopped, run_stage
 from openvision_max.metrics import MetricsWriter
 from openvision_max.schema import Config
+from openvision_max.sharding import activate, create_mesh
+from openvision_max.train_step import abstract_state
 
 
 def run_directory(stages: list[Config]) -> pathlib.Path:
@@ -48,8 +52,37 @@ def find_resume(ckpt: checkpointing.Checkpointer) -> Resume | None:
     return Resume(step=step, stage_index=int(meta["stage_index"]), stage_step=int(meta["stage_step"]))
 
 
+def preflight(stages: list[Config]) -> None:
+    """Open every stage's training shards and eval sets now: a bad path costs seconds, not a stage."""
+    for cfg in stages:
+        if cfg.dataset_type == "grain" and not cfg.eval_only:
+            resolve(cfg.train_data, cfg.data_cache_dir)
+        EvalRunner(cfg)
+
+
+def evaluate_only(cfg: Config) -> pathlib.Path:
+    """`eval_only=true`: the configured evals on `load_parameters_path`, written to the run's metrics."""
+    if not cfg.load_parameters_path:
+        raise checkpointing.CheckpointError("eval_only=true needs load_parameters_path (a run directory or a "
+                                            "checkpoint)")
+    runner = EvalRunner(cfg)
+    run_dir = run_directory([cfg])
+    print(f"run directory: {run_dir}", flush=True)
+    mesh = create_mesh(cfg)
+    with activate(cfg, mesh):
+        abstract = abstract_state(models.build(cfg), optimizer.build(cfg), cfg, mesh)
+        params = checkpointing.load_parameters(cfg.load_parameters_path, abstract.params)
+        writer = MetricsWriter(run_dir)
+        try:
+            writer.write(0, "eval_only", runner.run(params, mesh, 0))
+        finally:
+            writer.close()
+    return run_dir
+
+
 def train(stages: list[Config]) -> pathlib.Path:
     first = stages[0]
+    preflight(stages)
     run_dir = run_directory(stages)
     print(f"run directory: {run_dir}", flush=True)
     peak, peak_source = mfu.peak_flops_per_device(first.dtype)
@@ -93,7 +126,13 @@ def main(argv: list[str]) -> None:
         aot.main(stages[0])
         return
     try:
-        train(stages)
+        if stages[0].eval_only:
+            evaluate_only(stages[0])
+        else:
+            train(stages)
+    except DataError as e:  # a data path matching nothing, an unreadable shard: bad input, exit 2
+        print(f"train.py: data error: {e}", file=sys.stderr)
+        sys.exit(2)
     except checkpointing.CheckpointError as e:  # e.g. a wrong load_parameters_path: bad input, exit 2
         print(f"train.py: checkpoint error: {e}", file=sys.stderr)
         sys.exit(2)

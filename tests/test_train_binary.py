@@ -14,7 +14,9 @@ from conftest import CONFIGS, ROOT
 # The demo model with a small vocabulary: these tests check the binary's mechanics, and the 32,000-way
 # caption head would dominate their time on two cores.
 SMALL = ["dtype=float32", "vocab_size=512"]
-DEMO = [str(ROOT / "train.py"), str(CONFIGS / "demo.yml"), "dataset_type=synthetic", *SMALL]
+# The demo's model on synthetic data at a small batch, without its zero-shot evals.
+DEMO = [str(ROOT / "train.py"), str(CONFIGS / "demo.yml"), "dataset_type=synthetic", "evals=[]",
+        "global_batch_size=16", *SMALL]
 REQUIRED = {"step", "stage", "loss", "contrastive_loss", "caption_loss", "learning_rate", "temperature",
             "grad_norm", "step_time_s", "samples_per_s", "tflops_per_device", "mfu"}
 
@@ -93,6 +95,9 @@ def two_stage_config(tmp_path):
     config = tmp_path / "two.yml"
     config.write_text(
         f"base_config: {CONFIGS / 'demo.yml'}\n"
+        "dataset_type: synthetic\n"
+        "evals: []\n"
+        "global_batch_size: 16\n"
         "log_period: 1\n"
         "stages:\n"
         "  - {name: low, image_size: 32, steps: 12, base_lr: 0.256, warmup_steps: 2}\n"

@@ -12,6 +12,12 @@ One record = one image with its texts:
 Texts travel as bytes so that a reader, not the writer, decides what malformed text costs: the pipeline
 skips and counts such records instead of failing a run. A dataset directory holds the shards
 (`<name>-<i>-of-<n>.array_record`) and `dataset.json` (see `DatasetInfo`).
+
+Shards are written with the ArrayRecord options `WRITER_OPTIONS`: group size 1 (one record per chunk, which
+grain's random access needs) and no compression (images are already compressed; zstd would only cost CPU on
+every read). Changes since the first version of this file, all backward compatible: `DatasetInfo` gained the
+optional fields `templates` and `recaption_fallbacks`, and `DatasetInfo.read` ignores keys it does not know,
+so an older reader still opens a newer `dataset.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import msgpack
 SCHEMA_VERSION = 1
 SHARD_SUFFIX = ".array_record"
 INFO_FILE = "dataset.json"
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
 class RecordError(ValueError):
@@ -80,6 +87,10 @@ class DatasetInfo:
     classes: list[str] = dataclasses.field(default_factory=list)  # ImageFolder class names, by label
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # Zero-shot prompt templates with one `{}` for the class name, suggested by whoever made the set.
+    templates: list[str] = dataclasses.field(default_factory=list)
+    # Records whose recaption was missing or blank at the source and was replaced by the alt-text.
+    recaption_fallbacks: int = 0
 
     def write(self, directory: str | pathlib.Path) -> None:
         path = pathlib.Path(directory) / INFO_FILE
@@ -92,7 +103,8 @@ class DatasetInfo:
         path = pathlib.Path(directory) / INFO_FILE
         if not path.exists():
             return None
-        return DatasetInfo(**json.loads(path.read_text()))
+        fields = {f.name for f in dataclasses.fields(DatasetInfo)}
+        return DatasetInfo(**{k: v for k, v in json.loads(path.read_text()).items() if k in fields})
 
 
 def shard_name(prefix: str, index: int, count: int) -> str:

@@ -50,3 +50,9 @@ class SyntheticIterator:
 
     def set_state(self, state: dict) -> None:
         self._step = int(state["step"])
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
