@@ -2,7 +2,7 @@
 
 A resolved config holds every key plus `derived`. It is revalidated by the normal loader, for one device of
 this host and with the settings that only concern training replaced: the mesh, remat, a TPU/GPU-only
-attention kernel, AOT compilation and stages. When the repository's configs/base.yml is present it is the
+attention kernel, AOT compilation, stages, training data and evals. When the repository's configs/base.yml is present it is the
 bottom layer, so a config written before a key was added still loads (with that key's default).
 """
 
@@ -39,6 +39,9 @@ def inference_config(resolved: dict[str, Any], *, dtype: str = "float32", platfo
 
     platform = platform or jax.default_backend()
     raw = {k: v for k, v in resolved.items() if k not in ("derived", "stages_resolved")}
+    # Data and evals belong to the run that trained the model (their paths may not exist here).
+    raw.update(dataset_type="synthetic", train_data=[], evals=[], eval_only=False, load_parameters_path="",
+               export_dir="")
     raw.update(stages=[], stage="", compile_topology="", remat_policy="none", dtype=dtype,
                ici_data_parallelism=1, ici_fsdp_parallelism=-1, ici_tensor_parallelism=1,
                dcn_data_parallelism=-1, dcn_fsdp_parallelism=1, dcn_tensor_parallelism=1)

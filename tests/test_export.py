@@ -470,7 +470,9 @@ def test_a_run_config_is_read_back_for_inference():
     from openvision_max.run_config import inference_config, stage_of
 
     stages = load_stages([str(CONFIGS / "B16.yml"), "ici_fsdp_parallelism=8", "remat_policy=minimal_offloaded",
-                          "attention=cudnn"], platform="gpu", num_devices=8)
+                          "attention=cudnn", "dataset_type=grain", "train_data=[/elsewhere/train]", "eval_only=true",
+                          "evals=[{name: coco, type: retrieval, path: /elsewhere/coco.json}]"],
+                         platform="gpu", num_devices=8)
     resolved = {"stages_resolved": [config_to_dict(c) for c in stages]}
     first_steps = stages[0].steps
     assert stage_of(resolved, first_steps)["image_size"] == 160
@@ -478,4 +480,4 @@ def test_a_run_config_is_read_back_for_inference():
     assert stage_of(resolved, None)["image_size"] == 384
     cfg = inference_config(stage_of(resolved, first_steps + 1), dtype="bfloat16", platform="cpu")
     assert (cfg.image_size, cfg.dtype, cfg.attention, cfg.derived.num_devices) == (224, "bfloat16", "dot_product", 1)
-    assert cfg.derived.vision_remat_policy == "none" and cfg.stages == []
+    assert cfg.derived.vision_remat_policy == "none" and cfg.stages == [] and cfg.evals == []
