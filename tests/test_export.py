@@ -481,3 +481,20 @@ def test_a_run_config_is_read_back_for_inference():
     cfg = inference_config(stage_of(resolved, first_steps + 1), dtype="bfloat16", platform="cpu")
     assert (cfg.image_size, cfg.dtype, cfg.attention, cfg.derived.num_devices) == (224, "bfloat16", "dot_product", 1)
     assert cfg.derived.vision_remat_policy == "none" and cfg.stages == [] and cfg.evals == []
+
+
+def test_eval_transform_matches_torchvision_on_non_square_photos():
+    """open_clip's `shortest` preprocessing (torchvision Resize + CenterCrop) sees our eval pixels exactly."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from openvision_max.data.transforms import eval_image
+    from photo_data import photo_bytes
+    for name in ("chelsea", "coffee", "rocket"):
+        img = Image.open(io.BytesIO(photo_bytes(name, "PNG", max_side=500))).convert("RGB")
+        assert img.width != img.height
+        for size in (32, 224):
+            ref = T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.BILINEAR)(img))
+            np.testing.assert_array_equal(eval_image(img, size), np.asarray(ref))

@@ -102,7 +102,11 @@ def train_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def eval_image(data: bytes | Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to `size` (bilinear, antialiased), centre crop: uint8 [size, size, 3]."""
+    """Resize the short side to `size` (bilinear, antialiased), centre crop: uint8 [size, size, 3].
+
+    Rounding follows torchvision's Resize + CenterCrop (long side truncated, crop offset rounded), so an
+    exported model preprocessed by open_clip (`resize_mode: shortest`) sees the same pixels as ours.
+    """
     if isinstance(data, bytes):
         img = decode(data, min_size=size)
     elif isinstance(data, np.ndarray):
@@ -110,10 +114,11 @@ def eval_image(data: bytes | Image.Image | np.ndarray, size: int) -> np.ndarray:
     else:
         img = data.convert("RGB")
     w, h = img.size
-    scale = size / min(w, h)
-    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-    left, top = (rw - size) // 2, (rh - size) // 2
-    # One pass: the centre crop's box mapped back into source coordinates.
-    box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-    img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(img, np.uint8)
+    if w <= h:
+        rw, rh = size, int(size * h / w)
+    else:
+        rw, rh = int(size * w / h), size
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
