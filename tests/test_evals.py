@@ -124,3 +124,19 @@ def coco_folder(root):
     annotations = root / "captions_val2017.json"
     annotations.write_text(json.dumps(data))
     return annotations, images
+
+
+def test_imagenet_names_and_templates_ship_with_the_package(tmp_path):
+    from conftest import tiny_config
+
+    from openvision_max.evals.runner import EvalRunner
+    (tmp_path / "val").mkdir()
+    write = __import__("array_record.python.array_record_module", fromlist=["x"]).ArrayRecordWriter
+    w = write(str(tmp_path / "val" / shard_name("val", 0, 1)), "group_size:1")
+    w.write(Record("k", png(0), label=0).encode())
+    w.close()
+    cfg = tiny_config(f"evals=[{{name: in1k, type: zeroshot, path: {tmp_path / 'val'}, class_names: imagenet, "
+                      "templates: imagenet}]")
+    ev = EvalRunner(cfg).evals[0]
+    assert len(ev.class_names) == 1000 and ev.class_names[0] == "tench"
+    assert len(ev.templates) == 81 and "{}" in ev.templates

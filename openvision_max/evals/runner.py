@@ -7,6 +7,7 @@ hours later at the first eval. Zero-shot class embeddings are cached per checkpo
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Optional
@@ -35,8 +36,22 @@ class _ZeroShot:
                                  max_examples=self.max_examples, classifier=cache[key])
 
 
+IMAGENET_ASSET = pathlib.Path(__file__).resolve().parents[1] / "assets" / "imagenet_zeroshot.json"
+
+
+def _shipped(entry: dict, key: str) -> list[str] | None:
+    """`class_names: imagenet` / `templates: imagenet`: the ImageNet-1k names / CLIP's 81 templates we ship."""
+    value = entry.get(key)
+    if value == "imagenet":
+        return list(json.loads(IMAGENET_ASSET.read_text())["classnames" if key == "class_names" else key])
+    if isinstance(value, str):
+        raise locate.DataError(f"eval {entry['name']}: {key} must be a list or 'imagenet', got {value!r}")
+    return value
+
+
 def _zeroshot(cfg: Config, entry: dict) -> _ZeroShot:
     path = entry["path"]
+    entry = {**entry, "class_names": _shipped(entry, "class_names"), "templates": _shipped(entry, "templates")}
     names = list(entry.get("class_names") or locate.class_names(path, cfg.data_cache_dir))
     if not names:
         raise locate.DataError(f"eval {entry['name']}: {path} lists no classes in dataset.json; "
