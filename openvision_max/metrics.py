@@ -24,6 +24,7 @@ class MetricsWriter:
     def __init__(self, run_dir: pathlib.Path):
         from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
         self.path = run_dir / "metrics.jsonl"
+        self.last_evals: dict[str, float] = {}  # the latest value of every eval/<name>/<metric>
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)
 
     def close(self) -> None:
@@ -32,6 +33,7 @@ class MetricsWriter:
     def write(self, step: int, stage: str, values: dict[str, Any]) -> None:
         record = {"step": step, "stage": stage, **{k: (float(v) if not isinstance(v, str) else v)
                                                     for k, v in values.items()}}
+        self.last_evals.update({k: v for k, v in record.items() if k.startswith("eval/")})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():

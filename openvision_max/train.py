@@ -75,6 +75,7 @@ def evaluate_only(cfg: Config) -> pathlib.Path:
         writer = MetricsWriter(run_dir)
         try:
             writer.write(0, "eval_only", runner.run(params, mesh, 0))
+            print_summary(run_dir, writer.last_evals)
         finally:
             writer.close()
     return run_dir
@@ -112,11 +113,21 @@ def train(stages: list[Config]) -> pathlib.Path:
             if result.preempted:
                 return run_dir
             params = result.params
+        print_summary(run_dir, writer.last_evals)
     finally:
         ckpt.close()
         guard.close()
         writer.close()
     return run_dir
+
+
+def print_summary(run_dir: pathlib.Path, evals: dict[str, float]) -> None:
+    """The last line a user reads: where the run is and its latest eval figures (top-1 and R@1 first)."""
+    print(f"run directory: {run_dir}", flush=True)
+    headline = [k for k in evals if k.endswith(("/top1", "_r1"))]
+    for key in headline + sorted(k for k in evals if k not in headline and not k.endswith(("/seconds",
+                                                                                          "/examples"))):
+        print(f"{key}: {evals[key]:.4f}", flush=True)
 
 
 def main(argv: list[str]) -> None:
