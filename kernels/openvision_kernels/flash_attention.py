@@ -90,14 +90,15 @@ class _Geometry:
             ok = ok & ((k_end <= self.prefix_len) | (k_end - 1 <= q_start))
         return ok
 
-    def visible(self, q_start, k_start):
-        """[block_q, block_kv] bool: query row i sees key j."""
-        shape = (self.block_q, self.block_kv)
-        rows = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-        cols = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-        ok = cols < self.seq_len
+    def visible(self, q_start, k_start, keys_first: bool = False):
+        """[block_q, block_kv] bool: query i sees key j ([block_kv, block_q] with `keys_first`)."""
+        q_axis, k_axis = (1, 0) if keys_first else (0, 1)
+        shape = (self.block_kv, self.block_q) if keys_first else (self.block_q, self.block_kv)
+        queries = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+        keys = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+        ok = keys < self.seq_len
         if self.prefix_len is not None:
-            ok = ok & ((cols < self.prefix_len) | (cols <= rows))
+            ok = ok & ((keys < self.prefix_len) | (keys <= queries))
         return ok
 
     def has_mask(self) -> bool:
@@ -136,7 +137,7 @@ def _dot(a, b, contract: tuple[int, int]):
                            preferred_element_type=jnp.float32, precision=precision)
 
 
-def _run_masked(geo: _Geometry, q_start, k_start, body):
+def _run_masked(geo: _Geometry, q_start, k_start, body, keys_first: bool = False):
     """Calls body(mask) where the block needs work: mask=None for fully visible blocks, else the iota mask."""
     if not geo.has_mask():
         body(None)
@@ -149,7 +150,7 @@ def _run_masked(geo: _Geometry, q_start, k_start, body):
 
     @pl.when(needed & jnp.logical_not(full))
     def _masked():
-        body(geo.visible(q_start, k_start))
+        body(geo.visible(q_start, k_start, keys_first))
 
 
 # --- Forward ---------------------------------------------------------------------------------------------
@@ -184,17 +185,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, geo:
     def _finish():
         l = l_sc[...]
         o_ref[...] = (acc_sc[...] / l).astype(o_ref.dtype)
-        lse_ref[...] = m_sc[...] + jnp.log(l)
+        # Stored as a row [1, block_q]: a [T, 1] column would be padded to 128 lanes in HBM (128x its size).
+        lse = jnp.broadcast_to(m_sc[...] + jnp.log(l), (geo.block_q, LANES))
+        lse_ref[...] = lse.T[:1]
 
 
 def _forward(q, k, v, geo: _Geometry, interpret):
-    """q, k, v [B, H, Tp, D] -> (o [B, H, Tp, D], lse [B, H, Tp, 1] f32)."""
+    """q, k, v [B, H, Tp, D] -> (o [B, H, Tp, D], lse [B, H, 1, Tp] f32)."""
     b, h, tp, d = q.shape
     bq, bk = geo.block_q, geo.block_kv
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
     kv_spec = pl.BlockSpec((None, None, bk, d),
                            lambda b_, h_, i, j: (b_, h_, jnp.minimum(j, geo.last_kv_block(i)), 0))
-    row_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j: (b_, h_, i, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))
     itemsize = q.dtype.itemsize
     cost = pl.CostEstimate(
         flops=int(4 * b * h * tp * tp * d * _visible_fraction(geo)),
@@ -202,7 +205,7 @@ def _forward(q, k, v, geo: _Geometry, interpret):
         bytes_accessed=int(b * h * tp * d * itemsize * (2 + 2 * geo.num_q) + b * h * tp * 4))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, geo=geo),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, tp), jnp.float32)),
         grid=(b, h, geo.num_q, geo.num_kv),
         in_specs=[q_spec, kv_spec, kv_spec],
         out_specs=(q_spec, row_spec),
@@ -219,14 +222,18 @@ def _forward(q, k, v, geo: _Geometry, interpret):
 # --- Backward --------------------------------------------------------------------------------------------
 
 def _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo: _Geometry):
-    """Recomputed probabilities p and score gradients ds (both [block_q, block_kv] f32)."""
-    s = _dot(q_ref[...], k_ref[...], (1, 1)) * geo.scale
+    """Recomputed probabilities and score gradients, keys first: pT, dsT [block_kv, block_q] f32.
+
+    Keys-first lets the per-query statistics (lse, di) arrive as [1, block_q] rows, which broadcast down the
+    key axis as they are; it also makes dV and dK plain (untransposed) matmuls.
+    """
+    s_t = _dot(k_ref[...], q_ref[...], (1, 1)) * geo.scale
     if mask is not None:
-        s = jnp.where(mask, s, MASK_VALUE)
-    p = jnp.exp(s - lse_ref[...])
-    dp = _dot(do_ref[...], v_ref[...], (1, 1))
-    ds = p * (dp - di_ref[...]) * geo.scale
-    return p, ds
+        s_t = jnp.where(mask, s_t, MASK_VALUE)
+    p_t = jnp.exp(s_t - lse_ref[...])
+    dp_t = _dot(v_ref[...], do_ref[...], (1, 1))
+    ds_t = p_t * (dp_t - di_ref[...]) * geo.scale
+    return p_t, ds_t
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
@@ -239,10 +246,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     def body(mask):
-        p, ds = _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo)
+        p_t, ds_t = _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo)
         do, q = do_ref[...], q_ref[...]
-        dv_sc[...] += _dot(p.astype(do.dtype), do, (0, 0))
-        dk_sc[...] += _dot(ds.astype(q.dtype), q, (0, 0))
+        dv_sc[...] += _dot(p_t.astype(do.dtype), do, (1, 0))
+        dk_sc[...] += _dot(ds_t.astype(q.dtype), q, (1, 0))
 
     q_start = qi * geo.block_q
     # Query rows past the real length only produce padding (their dO is zero): skip those blocks.
@@ -250,7 +257,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk
 
     @pl.when(live)
     def _live():
-        _run_masked(geo, q_start, kj * geo.block_kv, body)
+        _run_masked(geo, q_start, kj * geo.block_kv, body, keys_first=True)
 
     @pl.when(qi == geo.num_q - 1)
     def _finish():
@@ -266,11 +273,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *, g
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
     def body(mask):
-        _, ds = _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo)
+        _, ds_t = _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo)
         k = k_ref[...]
-        dq_sc[...] += _dot(ds.astype(k.dtype), k, (1, 0))
+        dq_sc[...] += _dot(ds_t.astype(k.dtype), k, (0, 0))
 
-    _run_masked(geo, qi * geo.block_q, kj * geo.block_kv, body)
+    _run_masked(geo, qi * geo.block_q, kj * geo.block_kv, body, keys_first=True)
 
     @pl.when(kj == geo.num_kv - 1)
     def _finish():
@@ -280,7 +287,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *, g
 def _backward(q, k, v, o, lse, do, geo: _Geometry, interpret):
     b, h, tp, d = q.shape
     bq, bk = geo.block_q, geo.block_kv
-    di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]  # rows, like lse
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
     frac = _visible_fraction(geo)
     itemsize = q.dtype.itemsize
@@ -291,7 +298,7 @@ def _backward(q, k, v, o, lse, do, geo: _Geometry, interpret):
         return jnp.minimum(jnp.maximum(qi, first), last)
 
     q_rows = pl.BlockSpec((None, None, bq, d), lambda b_, h_, j, i: (b_, h_, q_index(j, i), 0))
-    q_stats = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, j, i: (b_, h_, q_index(j, i), 0))
+    q_stats = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, j, i: (b_, h_, 0, q_index(j, i)))
     kv_rows = pl.BlockSpec((None, None, bk, d), lambda b_, h_, j, i: (b_, h_, j, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, geo=geo),
@@ -310,7 +317,7 @@ def _backward(q, k, v, o, lse, do, geo: _Geometry, interpret):
 
     # dQ: grid (b, h, query block, key block); the key blocks are the reduction axis.
     q_rows = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
-    q_stats = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j: (b_, h_, i, 0))
+    q_stats = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))
     kv_rows = pl.BlockSpec((None, None, bk, d),
                            lambda b_, h_, i, j: (b_, h_, jnp.minimum(j, geo.last_kv_block(i)), 0))
     dq = pl.pallas_call(
