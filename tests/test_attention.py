@@ -41,9 +41,6 @@ def test_config_threads_flash_options_to_the_stacks():
     (["flash_block_kv_bwd=0"], "tpu", "flash_block_kv_bwd=0 must be a positive multiple of 128"),
     (["attention=flash", "vision.width=320", "vision.num_heads=2"], "tpu",
      "attention=flash on TPU needs head_dim <= 128 or a multiple of 128; vision has 160"),
-    (["attention=flash", "dtype=float32"], "gpu", "attention=flash on gpu runs cuDNN, which has no float32 kernel"),
-    (["attention=flash", "decoder.width=36", "decoder.num_heads=3"], "gpu",
-     "needs head_dim a multiple of 8 and at most 256; decoder has 12"),
     (["attention=flash", "ici_tensor_parallelism=2", "text.num_heads=1"], "cpu",
      "attention=flash splits heads over 2 devices (activation_heads -> tensor), which text.num_heads=1"),
 ])
@@ -57,6 +54,9 @@ def test_flash_is_available_where_it_runs():
     for platform in ("cpu", "tpu", "gpu"):
         cfg = load_config([str(CONFIGS / "base.yml"), "attention=flash"], platform=platform, num_devices=8)
         assert cfg.attention == "flash" and cfg.flash_block_q == 128
+    # On GPU head dims cuDNN refuses (and fp32) go to the Pallas kernel, so the config accepts them.
+    load_config([str(CONFIGS / "base.yml"), "attention=flash", "dtype=float32", "vision.width=320",
+                 "vision.num_heads=2"], platform="gpu", num_devices=8)
 
 
 @pytest.mark.parametrize("prefix", [None, 5])
@@ -150,3 +150,37 @@ def test_flash_uses_less_memory_than_dot_product_at_l14_336():
     print(f"L/14 @ 336 attention layer grad, v5p-8, 16/chip: dot_product {dot / 1e6:.1f} MB, "
           f"flash {flash / 1e6:.1f} MB per device")
     assert flash < dot
+
+
+def _fake_timer(times: dict):
+    calls = []
+
+    def measure(fn, shape, dtype, prefix_len):
+        calls.append(fn.__name__)
+        return times.get(fn.__name__)
+    return measure, calls
+
+
+@pytest.mark.parametrize("dtype, head_dim, times, choice, probed", [
+    (jnp.bfloat16, 64, {"cudnn": 2e-3, "flash_attention_gpu": 3e-3}, "cudnn", ["cudnn", "flash_attention_gpu"]),
+    (jnp.bfloat16, 72, {"cudnn": 2e-3, "flash_attention_gpu": 1e-3}, "pallas", ["cudnn", "flash_attention_gpu"]),
+    (jnp.bfloat16, 64, {"cudnn": float("inf"), "flash_attention_gpu": 1.0}, "pallas",
+     ["cudnn", "flash_attention_gpu"]),
+    (jnp.float32, 64, {}, "pallas", []),            # cuDNN has no fp32: no probe
+    (jnp.bfloat16, 36, {}, "pallas", []),           # head_dim not a multiple of 8
+    (jnp.bfloat16, 80, {}, "cudnn", ["cudnn"]),     # no local GPU to time on: cuDNN
+])
+def test_gpu_flash_takes_the_faster_kernel(dtype, head_dim, times, choice, probed):
+    from openvision_kernels.flash_attention_gpu import flash_attention_gpu
+    from openvision_max.models import gpu_attention
+    measure, calls = _fake_timer(times)
+    shape = (2, 403, 12, head_dim)
+    assert gpu_attention.choose(shape, dtype, 275, attention.cudnn, flash_attention_gpu, measure) == choice
+    assert calls == probed
+    gpu_attention.choose(shape, dtype, 275, attention.cudnn, flash_attention_gpu, measure)
+    assert calls == probed  # measured once per shape
+
+
+def test_gpu_probe_without_a_gpu_measures_nothing():
+    from openvision_max.models import gpu_attention
+    assert gpu_attention.measure_on_gpu(attention.cudnn, (1, 8, 1, 8), jnp.bfloat16, None) is None

@@ -129,3 +129,28 @@ def test_bad_shapes_and_blocks_are_refused():
         flash_attention(q, q, q)
     with pytest.raises(ValueError, match="block_kv=200 must be a positive multiple of 128"):
         BlockSizes(block_kv=200)
+
+
+# The Pallas/Triton kernel for NVIDIA GPUs: no GPU here, so interpreted on CPU and lowered to Triton IR.
+GPU_CASES = [(77, 40, 72, jnp.float32), (150, None, 80, jnp.bfloat16), (80, None, 64, jnp.float32)]
+
+
+@pytest.mark.parametrize("seq, prefix, head_dim, dtype", GPU_CASES)
+def test_gpu_kernel_matches_dot_product(seq, prefix, head_dim, dtype):
+    from openvision_kernels.flash_attention_gpu import flash_attention_gpu
+    q, k, v, do = _inputs(seq, head_dim, dtype)
+    attend = lambda q, k, v: flash_attention_gpu(q, k, v, prefix_len=prefix, interpret=True)
+    out, grads = _value_and_grads(attend, q, k, v, do)
+    ref_out, ref_grads = _value_and_grads(lambda q, k, v: dot_product(q, k, v, prefix_len=prefix), q, k, v, do)
+    for got, want in zip([out, *grads], [ref_out, *ref_grads]):
+        assert got.dtype == dtype
+        assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))) <= TOLERANCE[dtype]
+
+
+def test_gpu_kernel_lowers_to_triton():
+    from openvision_kernels.flash_attention_gpu import flash_attention_gpu
+    x = jax.ShapeDtypeStruct((2, 403, 4, 72), jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(flash_attention_gpu(q, k, v, prefix_len=275).astype(jnp.float32))
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3, "expected the fwd, dkv and dq kernels"

@@ -5,8 +5,9 @@ selects the caption decoder's prefix-LM mask: positions < prefix_len attend bidi
 themselves, later positions attend to the whole prefix and causally among themselves. None means
 unmasked bidirectional attention (vision and text towers).
 
-`flash` is the Pallas kernel of `openvision_kernels.flash_attention` on TPU (interpreted on CPU) and cuDNN's
-fused attention on NVIDIA GPUs; under a mesh it runs per shard inside `shard_map`.
+`flash` is the Pallas kernel of `openvision_kernels.flash_attention` on TPU (interpreted on CPU) and, on
+NVIDIA GPUs, the faster of cuDNN and `openvision_kernels.flash_attention_gpu`; under a mesh it runs per shard
+inside `shard_map`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from openvision_max.models import gpu_attention
 
 # The logical names of q, k, v and the output (layers.Attention constrains them to these).
 QKV_NAMES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -70,11 +73,12 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optional[int]
           block_q: int, block_kv: int, block_q_bwd: int, block_kv_bwd: int) -> jax.Array:
     """Flash attention for `platform` (the one the config compiles for, not the tracing host's).
 
-    TPU: the Pallas kernel (Mosaic). CPU: the same kernel in Pallas' TPU interpreter (slow; said once in the
-    log). GPU: cuDNN's fused kernel (see `cudnn`; the block sizes are the TPU kernel's and unused there).
+    TPU: the Pallas kernel (Mosaic). CPU: the same kernel in Pallas' interpreter (slow; said once in the
+    log). GPU: the faster of cuDNN and the Pallas/Triton kernel per shape (`gpu_attention.choose`); the block
+    sizes are the TPU kernel's (the Triton kernel keeps its own power-of-two blocks).
     """
     if platform == "gpu":
-        return _per_shard(cudnn, q, k, v, prefix_len=prefix_len)
+        return _per_shard(_gpu_flash, q, k, v, prefix_len=prefix_len)
     from openvision_kernels.flash_attention import BlockSizes, flash_attention
 
     interpret = False
@@ -86,6 +90,12 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optional[int]
     blocks = BlockSizes(block_q, block_kv, block_q_bwd, block_kv_bwd)
     return _per_shard(functools.partial(flash_attention, blocks=blocks, interpret=interpret), q, k, v,
                       prefix_len=prefix_len)
+
+
+def _gpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optional[int]) -> jax.Array:
+    from openvision_kernels.flash_attention_gpu import flash_attention_gpu
+    kind = gpu_attention.choose(tuple(q.shape), q.dtype, prefix_len, cudnn, flash_attention_gpu)
+    return (cudnn if kind == "cudnn" else flash_attention_gpu)(q, k, v, prefix_len=prefix_len)
 
 
 def _per_shard(fn: Callable[..., jax.Array], q, k, v, *, prefix_len: Optional[int]) -> jax.Array:
