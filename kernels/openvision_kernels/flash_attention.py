@@ -17,9 +17,11 @@ pipeline fetches nothing new either), fully visible pairs run without any mask a
 pairs crossing the causal diagonal or the padding edge build the iota mask.
 
 Memory. Forward keeps per query block a running max m, sum l and an f32 accumulator [block_q, head_dim];
-it saves only o and the log-sum-exp (one float per row) for the backward, which recomputes the scores
-block by block: O(T) per head, never O(T^2). Backward runs two kernels (dK/dV with the query blocks as the
-reduction axis, dQ with the key blocks as the reduction axis), so no accumulation crosses grid cells.
+it saves only o and the log-sum-exp (one float per row, stored as a [1, T] row: a [T, 1] column would take
+128 lanes per row in HBM) for the backward, which recomputes the scores block by block: O(T) per head, never
+O(T^2). Backward runs two kernels (dK/dV with the query blocks as the reduction axis, dQ with the key blocks
+as the reduction axis), so no accumulation crosses grid cells; both compute keys-first ([block_kv, block_q])
+so the per-query rows broadcast as they are.
 
 Numerics. Matmuls take the input dtype (bf16 or f32) with f32 accumulation; softmax statistics are f32.
 """
