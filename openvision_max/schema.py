@@ -18,12 +18,14 @@ REMAT_POLICIES = (
 )
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Which implementations exist per target platform. The kernel issue adds `flash`.
+# Which implementations exist per target platform. `flash` on CPU interprets the TPU kernel (tests).
 ATTENTION_AVAILABLE = {
-    "cpu": ("dot_product",),
-    "tpu": ("dot_product",),
-    "gpu": ("dot_product", "cudnn"),
+    "cpu": ("dot_product", "flash"),
+    "tpu": ("dot_product", "flash"),
+    "gpu": ("dot_product", "flash", "cudnn"),
 }
+FLASH_BLOCK_KEYS = ("flash_block_q", "flash_block_kv", "flash_block_q_bwd", "flash_block_kv_bwd")
+FLASH_LANES = 128  # TPU kernel blocks are multiples of the vector lane count
 # Host offload needs a pinned-host memory space, which the CPU backend does not have.
 OFFLOAD_PLATFORMS = ("tpu", "gpu")
 
@@ -102,6 +104,10 @@ class Config:
     vocab_size: int
     dtype: Literal["bfloat16", "float32"]
     attention: Literal[ATTENTION_KINDS]  # type: ignore[valid-type]
+    flash_block_q: int
+    flash_block_kv: int
+    flash_block_q_bwd: int
+    flash_block_kv_bwd: int
     remat_policy: RematPolicy
     scan_layers: bool
     vision: Tower
@@ -248,6 +254,31 @@ def _check_backend(cfg: Config, platform: str) -> None:
                 f"support; use one of: {', '.join(p for p in REMAT_POLICIES if not p.endswith('_offloaded'))}")
 
 
+def _check_flash(cfg: Config, platform: str, tensor_shards: dict[str, int]) -> None:
+    """What the flash kernels need: 128-multiple blocks, a TPU-tileable head_dim (TPU kernel; the GPU kernels
+    take any), and heads that split evenly over the mesh axes `activation_heads` maps to (the kernel runs per
+    shard under shard_map)."""
+    for key in FLASH_BLOCK_KEYS:
+        value = getattr(cfg, key)
+        if value <= 0 or value % FLASH_LANES:
+            raise ConfigError(f"{key}={value} must be a positive multiple of {FLASH_LANES} (TPU vector lanes)")
+    if cfg.attention != "flash":
+        return
+    heads_axes = next((axes for name, axes in cfg.logical_axis_rules if name == "activation_heads"), None)
+    heads_shards = math.prod(tensor_shards[a] for a in ([heads_axes] if isinstance(heads_axes, str)
+                                                        else heads_axes or []))
+    for name in ("vision", "text", "decoder"):
+        tower = getattr(cfg, name)
+        d = tower.head_dim
+        if platform != "gpu" and d > FLASH_LANES and d % FLASH_LANES:
+            raise ConfigError(f"attention=flash on TPU needs head_dim <= {FLASH_LANES} or a multiple of "
+                              f"{FLASH_LANES}; {name} has {d} ({name}.width={tower.width} / "
+                              f"{name}.num_heads={tower.num_heads})")
+        if tower.num_heads % heads_shards:
+            raise ConfigError(f"attention=flash splits heads over {heads_shards} devices (activation_heads -> "
+                              f"{heads_axes}), which {name}.num_heads={tower.num_heads} is not divisible by")
+
+
 def _check_rules(cfg: Config) -> None:
     for name, axes in cfg.logical_axis_rules:
         for axis in [axes] if isinstance(axes, str) else axes or []:
@@ -273,6 +304,7 @@ def finalize(cfg: Config, *, platform: str, num_devices: int, stage_name: str = 
     dcn = _fill_mesh(dcn, num_slices, "dcn")
     ici = _fill_mesh(ici, num_devices // num_slices, "ici")
     batch_shards = ici[0] * ici[1] * dcn[0] * dcn[1]
+    _check_flash(cfg, platform, {axis: i * d for axis, i, d in zip(MESH_AXES, ici, dcn)})
     if cfg.global_batch_size % batch_shards:
         raise ConfigError(
             f"global_batch_size={cfg.global_batch_size} is not divisible by the {batch_shards} devices the "

@@ -156,4 +156,4 @@ def test_config_error_is_one_line_with_libtpu_installed():
         capture_output=True, text=True, cwd=ROOT, env=_user_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "train.py: config error: attention='cudnn' is not available on cpu; available: dot_product"], proc.stderr
+        "train.py: config error: attention='cudnn' is not available on cpu; available: dot_product, flash"], proc.stderr

@@ -76,7 +76,7 @@ def test_wrong_type_names_key_type_value():
      "global_batch_size=12 is not divisible by the 8 devices"),
     (["ici_data_parallelism=3", "ici_fsdp_parallelism=1"], "uses 3 devices but 8 are available"),
     (["ici_data_parallelism=-1", "ici_fsdp_parallelism=-1"], "at most one ici"),
-    (["attention=cudnn"], "attention='cudnn' is not available on cpu; available: dot_product"),
+    (["attention=cudnn"], "attention='cudnn' is not available on cpu; available: dot_product, flash"),
     (["remat_policy=minimal_offloaded"], "offloads to host memory"),
     (["logical_axis_rules=[[embed, model]]"], "'model', which is not a mesh axis"),
 ])

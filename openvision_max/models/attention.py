@@ -4,14 +4,27 @@ All take q, k, v as [batch, seq, heads, head_dim] and return [batch, seq, heads,
 selects the caption decoder's prefix-LM mask: positions < prefix_len attend bidirectionally among
 themselves, later positions attend to the whole prefix and causally among themselves. None means
 unmasked bidirectional attention (vision and text towers).
+
+`flash` is the Pallas kernel of `openvision_kernels.flash_attention` on TPU (interpreted on CPU) and, on
+NVIDIA GPUs, the faster of cuDNN and `openvision_kernels.flash_attention_gpu`; under a mesh it runs per shard
+inside `shard_map`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+import logging
+import math
+from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from openvision_max.models import gpu_attention
+
+# The logical names of q, k, v and the output (layers.Attention constrains them to these).
+QKV_NAMES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
 def prefix_lm_mask(q_len: int, kv_len: int, prefix_len: int) -> jax.Array:
@@ -33,18 +46,99 @@ def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optiona
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optional[int]) -> jax.Array:
-    """NVIDIA cuDNN fused attention (GPU only; bf16/fp16 inputs)."""
-    mask = None if prefix_len is None else prefix_lm_mask(q.shape[1], k.shape[1], prefix_len)[None, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optional[int],
+          implementation: str = "cudnn") -> jax.Array:
+    """NVIDIA cuDNN fused attention (GPU only; bf16/fp16, head_dim a multiple of 8 up to 128, 256 on Hopper).
+
+    cuDNN turns a mask into a bias, and trains with a bias only at even lengths (the decoder's are odd at
+    most resolutions): there the sequence is padded by one and the pad masked by sequence lengths, which
+    cuDNN applies natively. `implementation="xla"` runs the same call through XLA (tests on CPU).
+    """
+    if prefix_len is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    b, t = q.shape[:2]
+    padded = t + t % 2
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+
+    lengths = jnp.full((b,), t, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        pad(q), pad(k), pad(v), mask=prefix_lm_mask(padded, padded, prefix_len)[None, None],
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :t]
+
+
+def flash(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optional[int], platform: str,
+          block_q: int, block_kv: int, block_q_bwd: int, block_kv_bwd: int) -> jax.Array:
+    """Flash attention for `platform` (the one the config compiles for, not the tracing host's).
+
+    TPU: the Pallas kernel (Mosaic). CPU: the same kernel in Pallas' interpreter (slow; said once in the
+    log). GPU: the faster of cuDNN and the Pallas/Triton kernel per shape (`gpu_attention.choose`); the block
+    sizes are the TPU kernel's (the Triton kernel keeps its own power-of-two blocks).
+    """
+    if platform == "gpu":
+        return _per_shard(_gpu_flash, q, k, v, prefix_len=prefix_len)
+    from openvision_kernels.flash_attention import BlockSizes, flash_attention
+
+    interpret = False
+    if platform == "cpu":
+        _warn_interpreting()
+        # Pallas' generic interpreter (the grid and kernel body as XLA ops): 5x faster here than the TPU
+        # interpreter (`pltpu.InterpretParams()`, which the kernel tests also run) on the tiny test models.
+        interpret = True
+    blocks = BlockSizes(block_q, block_kv, block_q_bwd, block_kv_bwd)
+    return _per_shard(functools.partial(flash_attention, blocks=blocks, interpret=interpret), q, k, v,
+                      prefix_len=prefix_len)
+
+
+def _gpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optional[int]) -> jax.Array:
+    from openvision_kernels.flash_attention_gpu import flash_attention_gpu
+    kind = gpu_attention.choose(tuple(q.shape), q.dtype, prefix_len, cudnn, flash_attention_gpu)
+    return (cudnn if kind == "cudnn" else flash_attention_gpu)(q, k, v, prefix_len=prefix_len)
+
+
+def _per_shard(fn: Callable[..., jax.Array], q, k, v, *, prefix_len: Optional[int]) -> jax.Array:
+    """fn(q, k, v) on each device's shard when a mesh is active: a custom kernel is opaque to the SPMD
+    partitioner, so it runs under `shard_map` with the batch and heads split as the logical rules say
+    (attention needs the whole sequence and head_dim per shard; `activation_length`/`_kv` are replicated).
+    A dimension its mesh axes do not divide (model.init's batch of 1) is left whole rather than failing."""
+    call = functools.partial(fn, prefix_len=prefix_len)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return call(q, k, v)
+    logical = nn.logical_to_mesh_axes(QKV_NAMES) or (None,) * q.ndim
+
+    def divides(axes, size: int) -> bool:
+        names = (axes,) if isinstance(axes, str) else axes or ()
+        return size % math.prod(mesh.shape[a] for a in names) == 0
+
+    spec = jax.sharding.PartitionSpec(*(a if divides(a, n) else None for a, n in zip(logical, q.shape)))
+    return jax.shard_map(call, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+@functools.cache
+def _warn_interpreting() -> None:
+    logging.getLogger(__name__).warning(
+        "attention=flash on CPU: running the Pallas TPU kernel in interpret mode (correct, slow)")
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "dot_product": dot_product,
+    "flash": flash,
     "cudnn": cudnn,
 }
 
 
-def get(kind: str) -> Callable[..., jax.Array]:
-    """The implementation for a config's `attention` value (validated by the config schema)."""
-    return IMPLEMENTATIONS[kind]
+def options(cfg: Any) -> tuple[tuple[str, Any], ...]:
+    """The keyword options `get` needs for `cfg.attention`, as a hashable tuple (for StackConfig)."""
+    if cfg.attention != "flash":
+        return ()
+    return (("platform", cfg.derived.platform), ("block_q", cfg.flash_block_q), ("block_kv", cfg.flash_block_kv),
+            ("block_q_bwd", cfg.flash_block_q_bwd), ("block_kv_bwd", cfg.flash_block_kv_bwd))
+
+
+def get(kind: str, **opts: Any) -> Callable[..., jax.Array]:
+    """The implementation for a config's `attention` value (validated by the config schema), with `opts`
+    (from `options(cfg)`) bound."""
+    return functools.partial(IMPLEMENTATIONS[kind], **opts) if opts else IMPLEMENTATIONS[kind]

@@ -79,6 +79,7 @@ class StackConfig:
     dtype: str
     gelu_tanh: bool              # text and decoder use the tanh approximation, vision the exact GELU
     prefix_len: Optional[int] = None  # prefix-LM mask (decoder); None = bidirectional
+    attention_options: tuple[tuple[str, Any], ...] = ()  # keyword options of the attention kind (flash blocks)
 
     @property
     def compute_dtype(self):
@@ -137,7 +138,8 @@ class Attention(nn.Module):
             return constrain(checkpoint_name(y, name + "_proj"), qkv_names)
 
         q, k, v = project("query"), project("key"), project("value")
-        out = attention_lib.get(cfg.attention)(q, k, v, prefix_len=cfg.prefix_len)
+        attend = attention_lib.get(cfg.attention, **dict(cfg.attention_options))
+        out = attend(q, k, v, prefix_len=cfg.prefix_len)
         out = constrain(out, qkv_names)
         out = HeadProjection((cfg.width,), 2, ("heads", "kv", "embed"), ("embed",), cfg.compute_dtype,
                              name="out")(out)

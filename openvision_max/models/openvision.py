@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from openvision_max.models import attention
 from openvision_max.models.decoder import CaptionDecoder
 from openvision_max.models.layers import StackConfig, logical
 from openvision_max.models.text import TextTower
@@ -93,7 +94,8 @@ def _stack(cfg: Config, name: str, *, gelu_tanh: bool, prefix_len: int | None = 
     return StackConfig(
         width=tower.width, depth=tower.depth, mlp_dim=tower.mlp_dim, num_heads=tower.num_heads,
         remat_policy=getattr(cfg.derived, f"{name}_remat_policy"), scan_layers=cfg.scan_layers,
-        attention=cfg.attention, dtype=cfg.dtype, gelu_tanh=gelu_tanh, prefix_len=prefix_len)
+        attention=cfg.attention, dtype=cfg.dtype, gelu_tanh=gelu_tanh, prefix_len=prefix_len,
+        attention_options=attention.options(cfg))
 
 
 def build(cfg: Config) -> OpenVision:
