@@ -227,13 +227,12 @@ def zero_shot_logits(embed_images, embed_texts, case):
     return embed_images(case.images) @ cls.T
 
 
-def test_zero_shot_argmax_matches_open_clip(tiny_pair):
-    """End to end on each side: its own preprocessing, tokenizer and encoders."""
+def both_zero_shot_logits(tiny_pair, case):
+    """(open_clip's, ours): each side end to end with its own preprocessing, tokenizer and encoders."""
     import torch
     from PIL import Image
 
     ours, oc_model, oc_pre, oc_tok = tiny_pair
-    case = zero_shot_case()
 
     def oc_images(images):
         x = torch.stack([oc_pre(Image.fromarray(im)) for im in images])
@@ -244,9 +243,15 @@ def test_zero_shot_argmax_matches_open_clip(tiny_pair):
         with torch.no_grad():
             return oc_model.encode_text(oc_tok(texts), normalize=True).numpy()
 
-    want = zero_shot_logits(oc_images, oc_texts, case)
-    got = zero_shot_logits(lambda ims: ours.encode_image(np.stack([ours.preprocess(im) for im in ims])),
-                           lambda texts: ours.encode_text(ours.tokenize(texts)), case)
+    return (zero_shot_logits(oc_images, oc_texts, case),
+            zero_shot_logits(lambda ims: ours.encode_image(np.stack([ours.preprocess(im) for im in ims])),
+                             lambda texts: ours.encode_text(ours.tokenize(texts)), case))
+
+
+def test_zero_shot_argmax_matches_open_clip(tiny_pair):
+    """End to end on each side: its own preprocessing, tokenizer and encoders."""
+    case = zero_shot_case()
+    want, got = both_zero_shot_logits(tiny_pair, case)
     assert np.abs(got - want).max() < TOL
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
     assert len(set(want.argmax(1))) > 1  # the case tells images apart (a random model favours few classes)
@@ -277,7 +282,6 @@ def test_zero_shot_argmax_on_the_demos_held_out_digits_matches_open_clip(tiny_pa
     import io
 
     import grain
-    import torch
     from PIL import Image
 
     from openvision_max.data import demo_data
@@ -289,20 +293,7 @@ def test_zero_shot_argmax_on_the_demos_held_out_digits_matches_open_clip(tiny_pa
     records = [Record.decode(source[i]) for i in range(len(source))]
     case = ZeroShotCase([np.asarray(Image.open(io.BytesIO(r.image)).convert("RGB")) for r in records],
                         info.classes, info.templates)
-    ours, oc_model, oc_pre, oc_tok = tiny_pair
-
-    def oc_images(images):
-        x = torch.stack([oc_pre(Image.fromarray(im)) for im in images])
-        with torch.no_grad():
-            return oc_model.encode_image(x, normalize=True).numpy()
-
-    def oc_texts(texts):
-        with torch.no_grad():
-            return oc_model.encode_text(oc_tok(texts), normalize=True).numpy()
-
-    want = zero_shot_logits(oc_images, oc_texts, case)
-    got = zero_shot_logits(lambda ims: ours.encode_image(np.stack([ours.preprocess(im) for im in ims])),
-                           lambda texts: ours.encode_text(ours.tokenize(texts)), case)
+    want, got = both_zero_shot_logits(tiny_pair, case)
     assert len(case.images) == 500 and len(case.classnames) == 10
     assert np.abs(got - want).max() < TOL
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
