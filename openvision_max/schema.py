@@ -115,6 +115,7 @@ class Config:
     decoder: DecoderTower
     # Losses and optimiser.
     contrastive_loss: Literal["softmax", "sigmoid"]
+    logit_scale_init: Optional[float]
     contrastive_weight: float
     caption_weight: float
     base_lr: float
@@ -210,6 +211,11 @@ EVAL_OPTIONS = {
 }
 
 
+def _check_loss(cfg: Config) -> None:
+    if cfg.logit_scale_init is not None and cfg.logit_scale_init <= 0:
+        raise ConfigError(f"logit_scale_init must be positive, got {cfg.logit_scale_init}")
+
+
 def _check_data(cfg: Config) -> None:
     if cfg.dataset_type == "grain" and not cfg.train_data and not cfg.eval_only:
         raise ConfigError("dataset_type=grain needs train_data: dataset directories, shard files or patterns "
@@ -294,6 +300,7 @@ def finalize(cfg: Config, *, platform: str, num_devices: int, stage_name: str = 
     _check_model(cfg)
     _check_rules(cfg)
     _check_data(cfg)
+    _check_loss(cfg)
     _check_backend(cfg, platform)
     slices = cfg.compile_topology_num_slices if cfg.compile_topology else None
     dcn = (cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism, cfg.dcn_tensor_parallelism)

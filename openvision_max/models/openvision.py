@@ -17,7 +17,7 @@ from openvision_max.models.vision import VisionTower
 from openvision_max.schema import Config
 
 # Initial t (logit scale = exp(t)) and, for the sigmoid loss, logit bias: CLIP's and SigLIP's values.
-TEMPERATURE_INIT = {"softmax": math.log(1 / 0.07), "sigmoid": math.log(10.0)}
+LOGIT_SCALE_INIT = {"softmax": 1 / 0.07, "sigmoid": 10.0}
 SIGMOID_BIAS_INIT = -10.0
 
 
@@ -37,6 +37,7 @@ class ModelSpec:
     context_length: int
     caption_length: int
     contrastive_loss: str        # "sigmoid" adds the learned logit bias `b`
+    logit_scale_init: float      # exp(t) at initialisation
 
 
 class OpenVision(nn.Module):
@@ -48,7 +49,7 @@ class OpenVision(nn.Module):
         self.vision = VisionTower(s.vision, s.patch_size, s.embed_dim)
         self.text = TextTower(s.text, s.vocab_size, s.context_length, s.embed_dim)
         self.decoder = CaptionDecoder(s.decoder, s.vocab_size, s.caption_length)
-        self.t = self.param("t", logical(nn.initializers.constant(TEMPERATURE_INIT[s.contrastive_loss]), ()), ())
+        self.t = self.param("t", logical(nn.initializers.constant(math.log(s.logit_scale_init)), ()), ())
         if s.contrastive_loss == "sigmoid":
             self.b = self.param("b", logical(nn.initializers.constant(SIGMOID_BIAS_INIT), ()), ())
 
@@ -108,6 +109,7 @@ def build(cfg: Config) -> OpenVision:
         patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, vocab_size=cfg.vocab_size,
         context_length=cfg.text.context_length, caption_length=cfg.decoder.caption_length,
         contrastive_loss=cfg.contrastive_loss,
+        logit_scale_init=cfg.logit_scale_init or LOGIT_SCALE_INIT[cfg.contrastive_loss],
     ))
 
 
