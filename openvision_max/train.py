@@ -28,7 +28,8 @@ from openvision_max.train_step import abstract_state
 
 def run_directory(stages: list[Config]) -> pathlib.Path:
     cfg = stages[0]
-    run_dir = pathlib.Path(cfg.base_output_directory) / cfg.run_name
+    # Absolute: orbax refuses relative checkpoint paths, and the printed path must work from anywhere.
+    run_dir = (pathlib.Path(cfg.base_output_directory).expanduser() / cfg.run_name).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = config_to_dict(cfg) if len(stages) == 1 else {
         "stages_resolved": [config_to_dict(c) for c in stages]}

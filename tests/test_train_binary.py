@@ -144,3 +144,12 @@ def test_restart_between_stages_starts_the_next_from_the_checkpoint(two_stage_ru
     split = [m for m in metrics(tmp_path / "split") if m["stage"] == "high"]
     straight = [m for m in metrics(tmp_path / "straight") if m["stage"] == "high"]
     assert [m["loss"] for m in split] == [m["loss"] for m in straight]  # bitwise: same parameters, same data
+
+
+def test_relative_output_directory_checkpoints_and_prints_an_absolute_path(tmp_path):
+    """`make demo` runs with base_output_directory=runs (relative); orbax needs absolute paths."""
+    proc = subprocess.run([sys.executable, *DEMO, "base_output_directory=runs", "run_name=rel", "steps=2",
+                           "log_period=1"], capture_output=True, text=True, cwd=tmp_path, env=env(1), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()
+    assert f"run directory: {tmp_path / 'runs' / 'rel'}" in proc.stdout
