@@ -83,7 +83,7 @@ def test_eval_only_reproduces_the_runs_own_zero_shot_figures(tmp_path):
     trained, evaluated = evals("run"), evals("ev")
     assert set(trained) >= {"eval/shapes/top1", "eval/shapes/top5", "eval/digits/top1", "eval/digits/top5"}
     assert trained == evaluated
-    assert trained["eval/shapes/examples"] == 1500 and trained["eval/digits/examples"] == 500
+    assert trained["eval/shapes/examples"] == 1000 and trained["eval/digits/examples"] == 500
 
     # eval_only on a COCO-format folder of real photos with hand-written captions: all six recalls.
     annotations, image_dir = coco_folder(tmp_path / "coco")

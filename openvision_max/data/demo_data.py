@@ -33,7 +33,7 @@ from openvision_max.data import demo_digits, demo_shapes
 from openvision_max.data.records import DatasetInfo, Record, shard_name
 from openvision_max.data.shards import ShardStats, ShardWriter
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 5
 SHAPES_TRAIN = 20_000
 SHAPES_TEST_PER_CLASS = 50
 RECORDS_PER_SHARD = 10_000

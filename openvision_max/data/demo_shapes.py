@@ -1,16 +1,22 @@
 """Procedural 64x64 scenes of coloured shapes with matching alt-texts and multi-sentence recaptions.
 
-A scene holds one to three shapes (`KINDS` x `COLOURS`, three sizes, anywhere in the frame, never
-overlapping) on a background that is plain, a two-tone gradient, or plain with mild noise, drawn from
-`BACKGROUNDS` (greys and muted tones, so every shape colour stands out by hue). Half the training scenes hold a
-single shape, so that zero-shot prompts like "a red circle." are in-distribution; the rest hold two or three
-small or medium shapes (two large ones do not fit side by side), either alike ("two red circles") or mixed
-("a red circle and a blue star").
+A scene holds one to three shapes (`KINDS` x `COLOURS`, three sizes, anywhere in the frame, apart: the
+corners of a square touch a neighbour in ~1 % of multi-shape scenes) on a background that is plain, a two-tone gradient, or plain with mild noise, drawn from
+`BACKGROUNDS` (light neutral tones, so every shape stands out as darker or more saturated). Half the training
+scenes hold a single shape, so that zero-shot prompts like "a red circle." are in-distribution; the rest hold
+two small or medium shapes or three small ones, either alike ("two red circles") or mixed ("a red circle and
+a blue star").
 
 The recaption's sentences each stay true on their own when the pipeline splits it on [.!]+ and picks one as
-the second contrastive text: a summary, one sentence per shape (size and position), one on the background.
-Shapes are drawn as masks at twice the size and halved, which anti-aliases their edges. Everything derives
-from a numpy Generator, so a seed fixes every byte.
+the second contrastive text: a summary, one sentence per shape (size and position), one on the background and
+sometimes one on what the image holds; every sentence names the shapes. Shapes are drawn as masks at twice
+the size and halved, which anti-aliases their edges. Everything derives from a numpy Generator, so a seed
+fixes every byte.
+
+The choices of kinds, colours, sizes and backgrounds were measured for what the demo's tiny ViT (32 px,
+patch 4, two layers of width 64, 2,500 steps of 32 on 2 CPU cores) can learn contrastively: with dark
+backgrounds, shapes under ~10 px at 32 px, a plus sign (it blurs into the star) and a square no wider than its
+circle, the kind of a shape stayed near chance or confused in pairs while its colour was learned at once.
 """
 
 from __future__ import annotations
@@ -26,16 +32,22 @@ from openvision_max.data.records import Record
 
 SIZE = 64
 _SCALE = 2  # drawn at 2x, then halved: anti-aliased edges
-KINDS = ("circle", "square", "triangle", "star", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
-# No vowel-initial colour, so "a {}." reads right for every class.
-COLOURS = {"red": (220, 35, 35), "pink": (250, 110, 185), "yellow": (245, 210, 30),
-           "green": (40, 165, 60), "blue": (35, 90, 230), "purple": (135, 50, 185)}
-BACKGROUNDS = {"white": (245, 245, 245), "light grey": (200, 200, 200), "grey": (128, 128, 128),
-               "dark grey": (62, 62, 62), "black": (15, 15, 15), "beige": (222, 208, 178),
-               "cream": (250, 242, 215), "navy": (22, 28, 82)}
-# radius range at 64x64 for each size word
-SIZES = {"small": (5.0, 7.0), "medium": (9.0, 11.0), "large": (14.0, 17.0)}
+# Kinds whose silhouettes differ at 32 px: a five-pointed star and a plus sign, tried first, blur into each
+# other at that size (a supervised probe of the demo's ViT confused a fifth of them); a ring (a circle with a
+# hole) does not.
+KINDS = ("circle", "square", "triangle", "star", "ring")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "ring": "rings"}
+# No vowel-initial colour, so "a {}." reads right for every class. Four colours x five kinds = 20 classes:
+# with six colours, colour alone told most in-batch pairs apart and the kinds were learned more slowly.
+COLOURS = {"red": (220, 35, 35), "yellow": (240, 200, 20), "green": (40, 165, 60), "blue": (35, 90, 230)}
+# Light tones only: every shape is then darker or more saturated than its background, so one set of edge
+# detectors serves every scene. With dark backgrounds as well, a supervised probe of the demo's ViT told the
+# kinds apart in 0.89 of held-out scenes after 1,000 steps, against 0.98 with light backgrounds only.
+BACKGROUNDS = {"white": (245, 245, 245), "light grey": (205, 205, 205), "beige": (222, 208, 178),
+               "cream": (250, 242, 215)}
+# Radius range at 64x64 for each size word. The smallest shape still spans ~10 pixels at the demo's 32 px:
+# smaller ones leave too few pixels to tell a star from a circle.
+SIZES = {"small": (10.0, 12.0), "medium": (13.0, 15.0), "large": (16.0, 19.0)}
 CLASSES = [f"{colour} {kind}" for colour in COLOURS for kind in KINDS]
 TEMPLATES = ["a {}.", "a small {}.", "a large {}.", "one {} on a plain background."]
 NUMBERS = {1: "one", 2: "two", 3: "three"}
@@ -52,8 +64,8 @@ def _position(cx: float, cy: float) -> str:
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if kind == "square":
-        h = 0.85 * r
+    if kind == "square":  # side = the circle's diameter: corners stand out of the circle of the same radius
+        h = r
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if kind == "triangle":
         return [(cx + 1.1 * r * math.cos(a), cy + 0.15 * r + 1.1 * r * math.sin(a))
@@ -62,11 +74,6 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
         return [(cx + (1.15 if i % 2 == 0 else 0.48) * r * math.cos(-math.pi / 2 + i * math.pi / 5),
                  cy + (1.15 if i % 2 == 0 else 0.48) * r * math.sin(-math.pi / 2 + i * math.pi / 5))
                 for i in range(10)]
-    if kind == "cross":  # a plus sign
-        a, t = r, 0.36 * r
-        return [(cx - t, cy - a), (cx + t, cy - a), (cx + t, cy - t), (cx + a, cy - t), (cx + a, cy + t),
-                (cx + t, cy + t), (cx + t, cy + a), (cx - t, cy + a), (cx - t, cy + t), (cx - a, cy + t),
-                (cx - a, cy - t), (cx - t, cy - t)]
     raise ValueError(kind)
 
 
@@ -79,7 +86,8 @@ def _contrasting(colour: str, background: str) -> bool:
 
 
 def _background(rng: np.random.Generator, colours: list[str]) -> tuple[np.ndarray, str, str]:
-    """float [SIZE, SIZE, 3], its summary phrase ('a plain navy background') and its own sentence."""
+    """float [SIZE, SIZE, 3], its summary phrase ('a plain beige background') and a sentence template with
+    {subject} and {be} slots ('{subject} {be} on a plain, even beige background.')."""
     names = [n for n in BACKGROUNDS if all(_contrasting(c, n) for c in colours)]
     style = ("plain", "plain", "gradient", "noisy")[rng.integers(4)]
     first = names[rng.integers(len(names))]
@@ -92,11 +100,12 @@ def _background(rng: np.random.Generator, colours: list[str]) -> tuple[np.ndarra
         pixels = base + ramp * (_jitter(rng, BACKGROUNDS[second], 6) - base)
         direction = "top to bottom" if vertical else "left to right"
         return pixels, f"a {first} to {second} gradient background", \
-            f"The background fades from {first} to {second}, {direction}."
+            f"{{subject}} {{be}} on a background that fades from {first} to {second}, {direction}."
     if style == "noisy":
         pixels = base + rng.normal(0.0, 9.0, (SIZE, SIZE, 1))
-        return pixels, f"a grainy {first} background", f"The background is {first} with a fine grain of noise."
-    return np.array(base), f"a plain {first} background", f"The background is a plain, even {first}."
+        return pixels, f"a grainy {first} background", \
+            f"{{subject}} {{be}} on a {first} background with a fine grain of noise."
+    return np.array(base), f"a plain {first} background", f"{{subject}} {{be}} on a plain, even {first} background."
 
 
 def _place(rng: np.random.Generator, radii: list[float]) -> list[tuple[float, float]] | None:
@@ -114,8 +123,9 @@ def _place(rng: np.random.Generator, radii: list[float]) -> list[tuple[float, fl
 
 
 def _sample_shapes(rng: np.random.Generator, count: int, alike: bool) -> list[dict]:
-    # Large shapes come alone: two of them do not fit side by side in 64x64.
-    colours, kinds, sizes = list(COLOURS), list(KINDS), list(SIZES) if count == 1 else ["small", "medium"]
+    # Large shapes come alone and three shapes are all small: otherwise they seldom fit side by side in 64x64.
+    sizes = {1: list(SIZES), 2: ["small", "medium"], 3: ["small"]}[count]
+    colours, kinds = list(COLOURS), list(KINDS)
     shapes = []
     for i in range(count):
         if i == 0 or not alike:
@@ -162,10 +172,13 @@ def captions(rng: np.random.Generator, shapes: list[dict], bg_phrase: str, bg_se
             ordinals = ["first", "second", "third"]
             sentences.extend(f"The {ordinals[i]} {name} is {x['size']} and sits {x['position']}."
                              for i, x in enumerate(g))
-    sentences.append(bg_sentence)
+    # Every sentence names the shapes: a sub-caption is one sentence, and one about the background alone would
+    # be a positive text that many images of a batch share, pulling their embeddings towards the background.
+    subject = _join([f"the {_noun_phrase(g, with_size=False)[2 if len(g) == 1 else 0:]}" for g in groups])
+    sentences.append(bg_sentence.format(subject=subject[0].upper() + subject[1:],
+                                        be="is" if len(shapes) == 1 else "are"))
     if rng.integers(2):
-        sentences.append(f"There {'is' if len(shapes) == 1 else 'are'} {NUMBERS[len(shapes)]} "
-                         f"shape{'s' if len(shapes) > 1 else ''} in the image and nothing else.")
+        sentences.append(f"The image shows {short} and nothing else.")
     return alt, " ".join(sentences)
 
 
@@ -178,8 +191,11 @@ def render(rng: np.random.Generator, shapes: list[dict]) -> tuple[bytes, str, st
         # Each shape is drawn as a mask at twice the size and halved: the mask's grey edge is the anti-aliasing.
         mask = Image.new("L", (big, big), 0)
         cx, cy, r = s["cx"] * _SCALE, s["cy"] * _SCALE, s["r"] * _SCALE
-        if s["kind"] == "circle":
+        if s["kind"] in ("circle", "ring"):
             ImageDraw.Draw(mask).ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+            if s["kind"] == "ring":  # the hole
+                h = 0.55 * r
+                ImageDraw.Draw(mask).ellipse((cx - h, cy - h, cx + h, cy + h), fill=0)
         else:
             ImageDraw.Draw(mask).polygon(_polygon(s["kind"], cx, cy, r), fill=255)
         fill = tuple(int(v) for v in _jitter(rng, COLOURS[s["colour"]], 15))
