@@ -1,11 +1,11 @@
 """Procedural 64x64 scenes of coloured shapes with matching alt-texts and multi-sentence recaptions.
 
 A scene holds one to three shapes (`KINDS` x `COLOURS`, three sizes, anywhere in the frame, apart: the
-corners of a square touch a neighbour in ~1 % of multi-shape scenes) on a background that is plain, a two-tone gradient, or plain with mild noise, drawn from
-`BACKGROUNDS` (light neutral tones, so every shape stands out as darker or more saturated). Half the training
-scenes hold a single shape, so that zero-shot prompts like "a red circle." are in-distribution; the rest hold
-two small or medium shapes or three small ones, either alike ("two red circles") or mixed ("a red circle and
-a blue star").
+corners of a square touch a neighbour in ~1 % of multi-shape scenes) on a background that is plain, a two-tone
+gradient, or plain with mild noise, drawn from `BACKGROUNDS` (light neutral tones, so every shape stands out
+as darker or more saturated). Half the training scenes hold a single shape, so that zero-shot prompts like
+"a red circle." are in-distribution; the rest hold two small or medium shapes or three small ones, either
+alike ("two red circles") or mixed ("a red circle and a blue star").
 
 The recaption's sentences each stay true on their own when the pipeline splits it on [.!]+ and picks one as
 the second contrastive text: a summary, one sentence per shape (size and position), one on the background and
@@ -147,6 +147,10 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def _capitalised(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
 def _noun_phrase(group: list[dict], with_size: bool) -> str:
     s = group[0]
     size = f"{s['size']} " if with_size and len({g["size"] for g in group}) == 1 else ""
@@ -162,7 +166,7 @@ def captions(rng: np.random.Generator, shapes: list[dict], bg_phrase: str, bg_se
     summary = _join([_noun_phrase(g, with_size=True) for g in groups])
     # Alt-texts vary in form like real ones: "a red circle", "a small red circle", "a red circle on a ...".
     alt = [short, short, summary, f"{short} on {bg_phrase}"][rng.integers(4)]
-    sentences = [f"{summary[0].upper()}{summary[1:]} on {bg_phrase}."]
+    sentences = [f"{_capitalised(summary)} on {bg_phrase}."]
     for g in groups:
         s = g[0]
         name = f"{s['colour']} {s['kind']}"
@@ -174,9 +178,8 @@ def captions(rng: np.random.Generator, shapes: list[dict], bg_phrase: str, bg_se
                              for i, x in enumerate(g))
     # Every sentence names the shapes: a sub-caption is one sentence, and one about the background alone would
     # be a positive text that many images of a batch share, pulling their embeddings towards the background.
-    subject = _join([f"the {_noun_phrase(g, with_size=False)[2 if len(g) == 1 else 0:]}" for g in groups])
-    sentences.append(bg_sentence.format(subject=subject[0].upper() + subject[1:],
-                                        be="is" if len(shapes) == 1 else "are"))
+    subject = _join([f"the {_noun_phrase(g, with_size=False).removeprefix('a ')}" for g in groups])
+    sentences.append(bg_sentence.format(subject=_capitalised(subject), be="is" if len(shapes) == 1 else "are"))
     if rng.integers(2):
         sentences.append(f"The image shows {short} and nothing else.")
     return alt, " ".join(sentences)
