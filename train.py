@@ -2,7 +2,7 @@
 
 import sys
 
-from openvision_max.train import main
+from openvision_max.training.main import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

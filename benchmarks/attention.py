@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from openvision_kernels.flash_attention import BlockSizes, _Geometry, padded_length
-from openvision_max import aot, flops, sharding
 from openvision_max.config import load_config
-from openvision_max.models import attention
+from openvision_max.mesh import sharding
+from openvision_max.models import attention, flops
+from openvision_max.training import aot
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODELS = "B16:224,L14:224,L14:336,So400m14:384,H14:224"

@@ -13,7 +13,7 @@ import pathlib
 import tempfile
 
 from openvision_max.config import load_stages
-from openvision_max.train import train
+from openvision_max.training.main import train
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

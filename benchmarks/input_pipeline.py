@@ -81,7 +81,7 @@ def stage_rates(shards: list[str], image_size: int, n: int) -> list[tuple[str, f
 def pipeline_rate(data_dir: str, image_size: int, workers: int, n: int, batch: int = 32) -> float:
     from openvision_max.config import load_config
     from openvision_max.data.grain_pipeline import GrainIterator
-    from openvision_max.sharding import create_mesh
+    from openvision_max.mesh.sharding import create_mesh
 
     cfg = load_config([str(ROOT / "configs/base.yml"), f"image_size={image_size}", f"global_batch_size={batch}",
                        "dataset_type=grain", f"train_data=[{data_dir}]", f"grain_worker_count={workers}"],

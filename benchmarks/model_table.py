@@ -2,7 +2,7 @@
 
     python benchmarks/model_table.py [--batch 32768]
 
-Uses the same analytic counter as the train loop's MFU (openvision_max/flops.py).
+Uses the same analytic counter as the train loop's MFU (openvision_max/models/flops.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import pathlib
 
 from openvision_max.config import load_config
-from openvision_max.summary import summarize
+from openvision_max.perf.summary import summarize
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Model file -> resolutions of the OpenVision recipe (shared/reference/openvision.md).

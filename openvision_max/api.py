@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
-from openvision_max.schema import Config
+from openvision_max.config.schema import Config
 
 PreprocessInput = Any  # a PIL image, a uint8 array [H, W, 3] or encoded image bytes
 
@@ -53,7 +53,7 @@ class OpenVisionModel:
         """One image -> float32 [S, S, 3]: short side resized to S (bilinear, antialiased), centre crop,
         ImageNet mean/std normalisation. The same pixels as the evaluators' transform."""
         from openvision_max.data.transforms import eval_image
-        from openvision_max.train_step import IMAGE_MEAN, IMAGE_STD
+        from openvision_max.models.inputs import IMAGE_MEAN, IMAGE_STD
         return (eval_image(image, self.image_size).astype(np.float32) - IMAGE_MEAN) / IMAGE_STD
 
     def encode_image(self, images: np.ndarray) -> np.ndarray:
@@ -111,10 +111,10 @@ def _run_dir_and_step(path: pathlib.Path) -> Optional[tuple[pathlib.Path, Option
 
 
 def _load_export(path: pathlib.Path, dtype: str, config: Optional[Config], batch_size: int) -> OpenVisionModel:
+    from openvision_max.config.run_config import inference_config
     from openvision_max.export.directory import ExportError, read_export
     from openvision_max.export.mapping import FormatError, from_open_clip
     from openvision_max.export.open_clip_config import architecture_mismatches
-    from openvision_max.run_config import inference_config
 
     try:
         oc_config, clip, _, ours = read_export(path, decoder=False)
@@ -145,7 +145,7 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", *, config: Opti
 
     `dtype` is the compute dtype ("float32" or "bfloat16"); parameters stay float32. Raises LoadError.
     """
-    from openvision_max.run_config import inference_config, stage_of
+    from openvision_max.config.run_config import inference_config, stage_of
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
@@ -161,8 +161,8 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", *, config: Opti
     run_dir, step = found
     if config is None:
         config = inference_config(stage_of(yaml.safe_load((run_dir / "config.yml").read_text()), step), dtype=dtype)
-    from openvision_max.checkpointing import CheckpointError
-    from openvision_max.params import load_params
+    from openvision_max.training.checkpointing import CheckpointError
+    from openvision_max.training.params import load_params
     try:
         params = load_params(config, str(p))
     except CheckpointError as e:

@@ -88,3 +88,11 @@ def make_photo_webdataset(directory: str | pathlib.Path, name: str = "photos-000
             for member_name, data in sample:
                 _add(tar, member_name, data)
     return path, expected
+
+
+def png(seed: int, size=(40, 30)) -> bytes:
+    """A PNG of uniform noise, `size` = (width, height), reproducible from `seed`."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

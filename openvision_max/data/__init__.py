@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from jax.sharding import Mesh
 
-from openvision_max.schema import Config
+from openvision_max.config.schema import Config
 
 
 def create_iterator(cfg: Config, mesh: Mesh):

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from openvision_max.config.schema import Config
 from openvision_max.data import locate
 from openvision_max.data.examples import ExampleSpec, MakeExample
-from openvision_max.schema import Config
-from openvision_max.sharding import batch_sharding
+from openvision_max.mesh.sharding import batch_sharding
 
 FIELDS = ("image", "texts", "caption_targets", "caption_mask")
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from openvision_max.schema import Config
-from openvision_max.sharding import batch_sharding
+from openvision_max.config.schema import Config
+from openvision_max.mesh.sharding import batch_sharding
 
 CLS_ID = 101
 

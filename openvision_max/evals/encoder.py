@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from openvision_max.config.schema import Config
 from openvision_max.data.tokenizer import Tokenizer
+from openvision_max.mesh.sharding import activate, batch_sharding
 from openvision_max.models import openvision
-from openvision_max.schema import Config
-from openvision_max.sharding import activate, batch_sharding
-from openvision_max.train_step import normalize_images
+from openvision_max.models.inputs import normalize_images
 
 
 class Encoder:

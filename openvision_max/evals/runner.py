@@ -14,10 +14,10 @@ from typing import Any, Optional
 
 from jax.sharding import Mesh
 
+from openvision_max.config.schema import Config
 from openvision_max.data import locate
 from openvision_max.evals import retrieval, zeroshot
 from openvision_max.evals.encoder import Encoder
-from openvision_max.schema import Config
 
 
 @dataclasses.dataclass

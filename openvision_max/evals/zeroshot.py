@@ -13,8 +13,7 @@ from typing import Iterator, Optional, Sequence
 import grain
 import numpy as np
 
-from openvision_max.data import locate
-from openvision_max.data import transforms
+from openvision_max.data import locate, transforms
 from openvision_max.data.records import Record, RecordError
 from openvision_max.evals.encoder import Encoder
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 import time
 
-from openvision_max.checkpointing import CheckpointError
 from openvision_max.config import cli_config
 from openvision_max.export.directory import ExportError, write_export
+from openvision_max.training.checkpointing import CheckpointError
 
 PROG = "python -m openvision_max.export"
 
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     if not cfg.export_dir:
         fail("export_dir= is required (a directory that does not exist yet, or an empty one)")
     start = time.perf_counter()
-    from openvision_max.params import load_params  # JAX starts here, after the arguments are checked
+    from openvision_max.training.params import load_params  # JAX starts here, after the arguments are checked
     try:
         params = load_params(cfg, cfg.load_parameters_path)
         out = write_export(params, cfg, cfg.export_dir)

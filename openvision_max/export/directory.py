@@ -24,10 +24,10 @@ import numpy as np
 import yaml
 
 from openvision_max.config import config_to_dict
+from openvision_max.config.schema import Config
 from openvision_max.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, PAD_ID, VOCAB_PATH
 from openvision_max.export import mapping
 from openvision_max.export.open_clip_config import decoder_config, open_clip_config
-from openvision_max.schema import Config
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"

@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from openvision_max.config.schema import Config
 from openvision_max.models.layers import posemb_sincos_2d
-from openvision_max.schema import Config
 
 State = dict[str, np.ndarray]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from openvision_max.config.schema import Config
 from openvision_max.models.layers import LN_EPS
-from openvision_max.schema import Config
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

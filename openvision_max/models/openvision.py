@@ -9,12 +9,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from openvision_max.config.schema import Config
 from openvision_max.models import attention
 from openvision_max.models.decoder import CaptionDecoder
 from openvision_max.models.layers import StackConfig, logical
 from openvision_max.models.text import TextTower
 from openvision_max.models.vision import VisionTower
-from openvision_max.schema import Config
 
 # Initial t (logit scale = exp(t)) and, for the sigmoid loss, logit bias: CLIP's and SigLIP's values.
 LOGIT_SCALE_INIT = {"softmax": 1 / 0.07, "sigmoid": 10.0}

@@ -6,8 +6,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from openvision_max.models.layers import (BATCH_LEN_EMBED, Stack, StackConfig, constrain, layer_norm,
-                                          logical, posemb_sincos_2d)
+from openvision_max.models.layers import (
+    BATCH_LEN_EMBED,
+    Stack,
+    StackConfig,
+    constrain,
+    layer_norm,
+    logical,
+    posemb_sincos_2d,
+)
 
 
 class VisionTower(nn.Module):

@@ -1,0 +1,130 @@
+"""One stage of training: build the state (fresh, from parameters, or resumed), step, log, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import jax
+
+from openvision_max import data as data_lib
+from openvision_max import models
+from openvision_max.config.schema import Config
+from openvision_max.evals.runner import EvalRunner
+from openvision_max.mesh.sharding import activate, create_mesh
+from openvision_max.models import flops
+from openvision_max.training import checkpointing, optimizer
+from openvision_max.training.metrics import MetricsWriter
+from openvision_max.training.step import TrainState, abstract_state, create_state, jit_train_step, state_from_params
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclasses.dataclass
+class StageResult:
+    params: Any           # the stage's final parameters (None when preempted)
+    preempted: bool
+
+
+class StepTimer:
+    """Throughput over the steps between two metric fetches (the first window includes compilation)."""
+
+    def __init__(self, cfg: Config, peak_per_device: float, first_step: int):
+        self.cfg = cfg
+        self.flops_per_step = flops.flops_per_sample(cfg)["train_total"] * cfg.global_batch_size
+        self.peak = peak_per_device
+        self.last = (first_step, time.perf_counter())
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        last_step, last_time = self.last
+        self.last = (step, now)
+        dt = (now - last_time) / max(step - last_step, 1)
+        per_device = self.flops_per_step / dt / self.cfg.derived.num_devices
+        return {"step_time_s": dt, "samples_per_s": self.cfg.global_batch_size / dt,
+                "tflops_per_device": per_device / 1e12, "mfu": per_device / self.peak}
+
+
+def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointer, params: Any,
+                   params_path: str, resume) -> tuple[TrainState, dict | None]:
+    """(state, data iterator state or None) for the start of this stage: resumed from `resume`, else a fresh
+    optimiser around `params` (the previous stage's) or the parameters at `params_path`, else a new init."""
+    abstract = abstract_state(model, tx, cfg, mesh)
+    if resume is not None:
+        state, meta = ckpt.restore(resume.step, abstract)
+        return state, meta["data"]
+    if params is None and params_path:
+        params = checkpointing.load_parameters(params_path, abstract.params)
+    if params is None:
+        return create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed)), None
+    state_sh = jax.tree.map(lambda a: a.sharding, abstract)
+    return state_from_params(tx, state_sh, params), None
+
+
+def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointing.PreemptionGuard,
+              writer: MetricsWriter, peak: float, params: Any, params_path: str, resume) -> StageResult:
+    name, offset = cfg.derived.stage_name, cfg.derived.step_offset
+    mesh = create_mesh(cfg)
+    model, tx = models.build(cfg), optimizer.build(cfg)
+    # Data and eval sets are opened before any compilation: a bad path fails in seconds.
+    data = data_lib.create_iterator(cfg, mesh)
+    evals = EvalRunner(cfg)
+    print(f"stage {name}: {cfg.steps} steps of {cfg.global_batch_size} at {cfg.image_size}px, "
+          f"mesh {dict(mesh.shape)}", flush=True)
+    try:
+        with activate(cfg, mesh):
+            return _steps(cfg, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
+                          evals)
+    finally:
+        data.close()
+
+
+def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
+           evals: EvalRunner) -> StageResult:
+    name, offset = cfg.derived.stage_name, cfg.derived.step_offset
+    state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params, params_path, resume)
+    step_fn = jit_train_step(model, tx, cfg, mesh)
+    if data_state is not None:
+        data.set_state(data_state)
+    start = int(state.step)
+    timer = StepTimer(cfg, peak, start)
+    pending = None  # (step, device metrics) of the previous step: fetched one step late
+    for step in range(start + 1, cfg.steps + 1):
+        state, metrics = step_fn(state, next(data))
+        if pending is not None:
+            _log(cfg, writer, timer, *pending, data.metrics())
+        pending = (step, metrics) if step % cfg.log_period == 0 or step in (start + 1, cfg.steps) else None
+        meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
+                "seed": cfg.seed, "data": data.get_state()}
+        if guard.preempted(offset + step):
+            ckpt.maybe_save(offset + step, state, meta, force=True)
+            ckpt.wait()
+            print(f"preempted: saved checkpoint at step {offset + step} (stage {name}, step {step}); "
+                  "exiting", flush=True)
+            return StageResult(params=None, preempted=True)
+        # Asynchronous: returns once the arrays are copied to host; the loop goes on stepping.
+        ckpt.maybe_save(offset + step, state, meta, force=step == cfg.steps)
+        if evals and (step == cfg.steps or (cfg.eval_period and step % cfg.eval_period == 0)):
+            if pending is not None:
+                _log(cfg, writer, timer, *pending, data.metrics())
+                pending = None
+            writer.write(offset + step, name, evals.run(state.params, mesh, offset + step))
+            timer.last = (step, time.perf_counter())  # eval time is not training throughput
+    if pending is not None:
+        _log(cfg, writer, timer, *pending, data.metrics())
+    return StageResult(params=state.params, preempted=False)
+
+
+def _log(cfg: Config, writer: MetricsWriter, timer: StepTimer, step: int, metrics,
+         data_metrics: dict[str, float]) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()} | data_metrics
+    writer.write(cfg.derived.step_offset + step, cfg.derived.stage_name, {**values, **timer.measure(step)})
+    if values["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+        raise TrainingStopped(
+            f"stopping: {int(values['nonfinite_in_a_row'])} steps in a row had a non-finite loss or gradient "
+            f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); their updates were skipped and the last "
+            "complete checkpoint holds the last good state")

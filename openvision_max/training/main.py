@@ -1,0 +1,159 @@
+"""`python train.py CONFIG [key=value ...]`: run every stage of a config, resuming where a run left off.
+
+Run directory `<base_output_directory>/<run_name>/`: config.yml (resolved), checkpoints/, metrics.jsonl,
+tensorboard/. Restarting with the same run_name resumes from the latest complete checkpoint, inside the
+right stage. Each stage starts from the previous stage's parameters with a fresh optimiser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import yaml
+
+from openvision_max import models
+from openvision_max.config import cli_config, config_to_dict
+from openvision_max.config.schema import Config
+from openvision_max.data.locate import DataError, resolve
+from openvision_max.evals.runner import EvalRunner
+from openvision_max.mesh import peak_flops
+from openvision_max.mesh.sharding import activate, create_mesh
+from openvision_max.training import checkpointing, optimizer
+from openvision_max.training.loop import StageResult, TrainingStopped, run_stage
+from openvision_max.training.metrics import MetricsWriter
+from openvision_max.training.step import abstract_state
+
+
+def run_directory(stages: list[Config]) -> pathlib.Path:
+    cfg = stages[0]
+    # Absolute: orbax refuses relative checkpoint paths, and the printed path must work from anywhere.
+    run_dir = (pathlib.Path(cfg.base_output_directory).expanduser() / cfg.run_name).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = config_to_dict(cfg) if len(stages) == 1 else {
+        "stages_resolved": [config_to_dict(c) for c in stages]}
+    (run_dir / "config.yml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return run_dir
+
+
+@dataclasses.dataclass
+class Resume:
+    """Where the latest complete checkpoint left the run."""
+    step: int
+    stage_index: int
+    stage_step: int
+
+
+def find_resume(ckpt: checkpointing.Checkpointer) -> Resume | None:
+    step = ckpt.latest_step()
+    if step is None:
+        return None
+    meta = ckpt.restore_meta(step)
+    return Resume(step=step, stage_index=int(meta["stage_index"]), stage_step=int(meta["stage_step"]))
+
+
+def preflight(stages: list[Config]) -> None:
+    """Open every stage's training shards and eval sets now: a bad path costs seconds, not a stage."""
+    for cfg in stages:
+        if cfg.dataset_type == "grain" and not cfg.eval_only:
+            resolve(cfg.train_data, cfg.data_cache_dir)
+        EvalRunner(cfg)
+
+
+def evaluate_only(cfg: Config) -> pathlib.Path:
+    """`eval_only=true`: the configured evals on `load_parameters_path`, written to the run's metrics."""
+    if not cfg.load_parameters_path:
+        raise checkpointing.CheckpointError("eval_only=true needs load_parameters_path (a run directory or a "
+                                            "checkpoint)")
+    runner = EvalRunner(cfg)
+    run_dir = run_directory([cfg])
+    print(f"run directory: {run_dir}", flush=True)
+    mesh = create_mesh(cfg)
+    with activate(cfg, mesh):
+        abstract = abstract_state(models.build(cfg), optimizer.build(cfg), cfg, mesh)
+        params = checkpointing.load_parameters(cfg.load_parameters_path, abstract.params)
+        writer = MetricsWriter(run_dir)
+        try:
+            writer.write(0, "eval_only", runner.run(params, mesh, 0))
+            print_summary(run_dir, writer.last_evals)
+        finally:
+            writer.close()
+    return run_dir
+
+
+def train(stages: list[Config]) -> pathlib.Path:
+    first = stages[0]
+    preflight(stages)
+    run_dir = run_directory(stages)
+    print(f"run directory: {run_dir}", flush=True)
+    peak, peak_source = peak_flops.peak_flops_per_device(first.dtype)
+    print(f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source}); {jax.device_count()} devices", flush=True)
+    writer = MetricsWriter(run_dir)
+    ckpt = checkpointing.Checkpointer(run_dir / "checkpoints", max_to_keep=first.max_checkpoints_to_keep,
+                                      period=first.checkpoint_period)
+    guard = checkpointing.PreemptionGuard()
+    resume = find_resume(ckpt)
+    if resume:
+        print(f"resuming from checkpoint step {resume.step} (stage {resume.stage_index}, "
+              f"step {resume.stage_step} of it)", flush=True)
+    params: Any = None  # the previous stage's parameters
+    try:
+        for cfg in stages:
+            stage_resume = resume if resume and resume.stage_index == cfg.derived.stage_index else None
+            if resume and (cfg.derived.stage_index < resume.stage_index
+                           or (stage_resume and stage_resume.stage_step >= cfg.steps)):
+                print(f"stage {cfg.derived.stage_name}: already complete", flush=True)
+                continue
+            # A stage starts from the previous stage's parameters: in memory, or in the checkpoint that
+            # finished it when the run restarted in between; the first stage from load_parameters_path.
+            params_path = cfg.load_parameters_path
+            if params is None and resume and resume.stage_index < cfg.derived.stage_index:
+                params_path = str(ckpt.directory / str(resume.step))
+            result: StageResult = run_stage(cfg, ckpt, guard, writer, peak, params, params_path, stage_resume)
+            if result.preempted:
+                return run_dir
+            params = result.params
+        print_summary(run_dir, writer.last_evals)
+    finally:
+        ckpt.close()
+        guard.close()
+        writer.close()
+    return run_dir
+
+
+def print_summary(run_dir: pathlib.Path, evals: dict[str, float]) -> None:
+    """The last line a user reads: where the run is and its latest eval figures (top-1 and R@1 first)."""
+    print(f"run directory: {run_dir}", flush=True)
+    headline = [k for k in evals if k.endswith(("/top1", "_r1"))]
+    for key in headline + sorted(k for k in evals if k not in headline and not k.endswith(("/seconds",
+                                                                                          "/examples"))):
+        print(f"{key}: {evals[key]:.4f}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    stages = cli_config(argv, "train.py")
+    if stages[0].compile_topology:
+        from openvision_max.training import aot  # needs libtpu
+        aot.main(stages[0])
+        return
+    try:
+        if stages[0].eval_only:
+            evaluate_only(stages[0])
+        else:
+            train(stages)
+    except DataError as e:  # a data path matching nothing, an unreadable shard: bad input, exit 2
+        print(f"train.py: data error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except checkpointing.CheckpointError as e:  # e.g. a wrong load_parameters_path: bad input, exit 2
+        print(f"train.py: checkpoint error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,181 @@
+"""The train state, created already sharded, and the pure train step jitted with explicit shardings."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from openvision_max import models
+from openvision_max.config.schema import Config
+from openvision_max.mesh import sharding
+from openvision_max.models.inputs import normalize_images
+from openvision_max.training import losses, optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array               # optimiser steps taken in this stage
+    params: Any
+    opt_state: Any
+    nonfinite_in_a_row: jax.Array  # consecutive steps skipped for a non-finite loss or gradient
+
+
+def loss_fn(model: nn.Module, cfg: Config, params: Any, batch: dict[str, jax.Array]):
+    """Total = contrastive_weight x contrastive + caption_weight x caption; returns (total, parts)."""
+    out = model.apply({"params": params}, normalize_images(batch["images"]), batch["texts"])
+    contrastive = losses.contrastive(cfg.contrastive_loss, out["image_emb"], out["text_emb"],
+                                     out["logit_scale"], out.get("logit_bias"))
+    caption = losses.caption_loss(out["caption_logits"], batch["caption_targets"], batch["caption_mask"])
+    total = cfg.contrastive_weight * contrastive + cfg.caption_weight * caption
+    return total, {"contrastive_loss": contrastive, "caption_loss": caption, "temperature": out["logit_scale"]}
+
+
+def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [n, B / n, ...]; texts [2B, L] -> [n, 2B / n, L] keeping alt-texts before sub-captions."""
+    def split(x):
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    b = batch["images"].shape[0]
+    texts = batch["texts"]
+    out = {k: split(v) for k, v in batch.items() if k != "texts"}
+    out["texts"] = jnp.concatenate([split(texts[:b]), split(texts[b:])], axis=1)
+    return out
+
+
+def accumulated_loss_and_grads(model: nn.Module, cfg: Config, params: Any, batch: dict[str, jax.Array]):
+    """The full batch's loss and gradient from `gradient_accumulation_steps` microbatches, exactly.
+
+    The contrastive loss couples every image with every text of the batch, so plain accumulation would change
+    it. Gradient caching instead: (1) embed all microbatches without gradients; (2) take the loss and its
+    gradient with respect to the embeddings (and t, b) over the whole batch; (3) per microbatch, back-propagate
+    those embedding gradients plus the caption loss through the towers, summing parameter gradients in fp32.
+    Costs one extra encoder forward.
+    """
+    n = cfg.gradient_accumulation_steps
+    micro = _microbatches(batch, n)
+    variables = {"params": params}
+
+    def embed(_, mb):
+        out = model.apply(variables, normalize_images(mb["images"]), mb["texts"], method="embed")
+        return None, (out["image_emb"], out["text_emb"])
+
+    _, (image_emb, text_emb) = jax.lax.scan(embed, None, micro)
+    image_emb = jax.lax.stop_gradient(image_emb)  # [n, b, E]
+    text_emb = jax.lax.stop_gradient(text_emb)    # [n, 2b, E]: per microbatch, b alt-texts then b sub-captions
+    mb = image_emb.shape[1]
+    flat_texts = jnp.concatenate([text_emb[:, :mb].reshape(-1, text_emb.shape[-1]),
+                                  text_emb[:, mb:].reshape(-1, text_emb.shape[-1])])
+
+    def contrastive_of(image_emb, flat_texts, logit_params):
+        return losses.contrastive(cfg.contrastive_loss, image_emb.reshape(-1, image_emb.shape[-1]), flat_texts,
+                                  logit_params["logit_scale"], logit_params.get("logit_bias"))
+
+    logit_params, logit_vjp = jax.vjp(lambda p: model.apply({"params": p}, method="logit_params"), params)
+    contrastive, (g_image, g_flat, g_logit) = jax.value_and_grad(contrastive_of, argnums=(0, 1, 2))(
+        image_emb, flat_texts, logit_params)
+    (grads,) = logit_vjp(jax.tree.map(lambda g: cfg.contrastive_weight * g, g_logit))
+    g_text = jnp.concatenate([g_flat[:n * mb].reshape(n, mb, -1), g_flat[n * mb:].reshape(n, mb, -1)], axis=1)
+    tokens = losses.caption_tokens(batch["caption_mask"])
+
+    def surrogate(p, mb_batch, g_img, g_txt):
+        out = model.apply({"params": p}, normalize_images(mb_batch["images"]), mb_batch["texts"])
+        nll = losses.caption_nll_sum(out["caption_logits"], mb_batch["caption_targets"], mb_batch["caption_mask"])
+        linear = jnp.sum(out["image_emb"] * g_img) + jnp.sum(out["text_emb"] * g_txt)
+        return cfg.contrastive_weight * linear + cfg.caption_weight * nll / tokens, nll
+
+    def backward(acc, xs):
+        grads, nll_sum = acc
+        (_, nll), g = jax.value_and_grad(surrogate, has_aux=True)(params, *xs)
+        return (jax.tree.map(jnp.add, grads, g), nll_sum + nll), None
+
+    zeros = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    (grads, nll_sum), _ = jax.lax.scan(backward, (zeros, jnp.zeros((), jnp.float32)), (micro, g_image, g_text))
+    caption = nll_sum / tokens
+    total = cfg.contrastive_weight * contrastive + cfg.caption_weight * caption
+    parts = {"contrastive_loss": contrastive, "caption_loss": caption, "temperature": logit_params["logit_scale"]}
+    return (total, parts), grads
+
+
+def train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config,
+               state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    if cfg.gradient_accumulation_steps > 1:
+        (loss, parts), grads = accumulated_loss_and_grads(model, cfg, state.params, batch)
+    else:
+        grad_fn = jax.value_and_grad(functools.partial(loss_fn, model, cfg), has_aux=True)
+        (loss, parts), grads = grad_fn(state.params, batch)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient skips the update (params and optimiser state stay as they were).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+    )
+    metrics = {
+        "loss": loss, **parts,
+        "grad_norm": grad_norm,
+        "learning_rate": optimizer.learning_rate_schedule(cfg)(state.step),
+        "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+    }
+    return new_state, metrics
+
+
+def _init_state_boxed(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, rng: jax.Array):
+    params = model.init(rng, *(jnp.zeros(s.shape, s.dtype) for s in models.dummy_inputs(cfg)))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
+    """NamedShardings of every leaf of the train state, from the parameters' logical axis names."""
+    # An abstract key, made outside the mesh: a concrete array cannot be placed on compile-only AOT devices.
+    rng = jax.eval_shape(jax.random.key, 0)
+    with sharding.activate(cfg, mesh):
+        abstract = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), rng)
+        return sharding.logical_to_shardings(cfg, mesh, nn.get_partition_spec(abstract))
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings (for restoring and AOT compilation)."""
+    # An abstract key, made outside the mesh: a concrete array cannot be placed on compile-only AOT devices.
+    rng = jax.eval_shape(jax.random.key, 0)
+    with sharding.activate(cfg, mesh):
+        boxed = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), rng)
+    # Unbox without the sharding constraint LogicallyPartitioned.unbox applies: these are shapes, not arrays.
+    shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
+                          boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, state_shardings(model, tx, cfg, mesh))
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh,
+                 rng: jax.Array) -> TrainState:
+    """Parameters and optimiser state initialised directly into their sharded layout."""
+    return sharding.init_sharded(cfg, mesh, functools.partial(_init_state_boxed, model, tx, cfg), rng)
+
+
+def state_from_params(tx: optax.GradientTransformation, state_sh: TrainState, params: Any) -> TrainState:
+    """A fresh state (step 0, new optimiser state) around existing parameters, laid out as `state_sh`."""
+    def fresh(p):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                          nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+    return jax.jit(fresh, in_shardings=(state_sh.params,), out_shardings=state_sh)(params)
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh):
+    """The step jitted with explicit in/out shardings; the state argument is donated."""
+    state_sh = state_shardings(model, tx, cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    return jax.jit(functools.partial(train_step, model, tx, cfg),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+                   donate_argnums=(0,))

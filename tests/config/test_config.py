@@ -1,0 +1,124 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from openvision_max.config import all_keys, load_config
+from openvision_max.config.schema import ConfigError
+
+from conftest import CONFIGS, ROOT, tiny_config
+
+REQUIRED_KEYS = """run_name base_output_directory seed global_batch_size steps image_size patch_size dtype attention
+remat_policy scan_layers ici_data_parallelism ici_fsdp_parallelism ici_tensor_parallelism dcn_data_parallelism
+dcn_fsdp_parallelism dcn_tensor_parallelism dataset_type log_period checkpoint_period compile_topology
+compile_topology_num_slices eval_only load_parameters_path""".split()
+
+
+def load(*args, num_devices=1, platform="cpu"):
+    return load_config([str(CONFIGS / "base.yml"), *args], platform=platform, num_devices=num_devices)
+
+
+def test_required_keys_exist():
+    assert set(REQUIRED_KEYS) <= set(all_keys())
+
+
+def test_base_yml_documents_every_key():
+    """Every schema key is in base.yml with a comment on its line."""
+    lines = (CONFIGS / "base.yml").read_text().splitlines()
+    data = yaml.safe_load((CONFIGS / "base.yml").read_text())
+    for key in all_keys():
+        node = data
+        for part in key.split("."):
+            assert part in node, f"{key} missing from base.yml"
+            node = node[part]
+        leaf = key.split(".")[-1]
+        line = next(ln for ln in lines if ln.strip().startswith(leaf + ":"))
+        assert "#" in line, f"{key} has no comment in base.yml"
+
+
+@pytest.mark.parametrize("name", ["Ti16", "S16", "B16", "L14", "So400m14", "H14", "demo"])
+def test_model_files_load(name):
+    cfg = load_config([str(CONFIGS / f"{name}.yml")], platform="cpu", num_devices=1)
+    assert cfg.image_size % cfg.patch_size == 0
+
+
+def test_overrides_types_and_nesting():
+    cfg = load("vision.depth=3", "base_lr=1e-3", "scan_layers=false", "run_name=123",
+               "logical_axis_rules=[[embed, fsdp], [mlp, [tensor]]]")
+    assert cfg.vision.depth == 3 and cfg.base_lr == 1e-3 and cfg.scan_layers is False
+    assert cfg.run_name == "123"
+    assert cfg.logical_axis_rules == [("embed", "fsdp"), ("mlp", ["tensor"])]
+    assert cfg.derived.peak_learning_rate == pytest.approx(1e-3 * 256 / 256)
+
+
+def test_unknown_key_names_key_and_suggestions():
+    with pytest.raises(ConfigError, match=r"'global_batch_sise'.*did you mean 'global_batch_size'"):
+        load("global_batch_sise=8")
+    with pytest.raises(ConfigError, match=r"'vision.widht'.*'vision.width'"):
+        load("vision.widht=8")
+
+
+def test_wrong_type_names_key_type_value():
+    with pytest.raises(ConfigError, match=r"'global_batch_size' expects int, got 'abc'"):
+        load("global_batch_size=abc")
+    with pytest.raises(ConfigError, match=r"'dtype' expects one of 'bfloat16', 'float32', got 'fp8'"):
+        load("dtype=fp8")
+    with pytest.raises(ConfigError, match=r"'scan_layers' expects bool"):
+        load("scan_layers=7")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["vision.width=100", "vision.num_heads=3"], "vision.width=100 is not divisible by vision.num_heads=3"),
+    (["image_size=225"], "image_size=225 is not divisible by patch_size=16"),
+    (["global_batch_size=12", "ici_data_parallelism=8", "ici_fsdp_parallelism=1"],
+     "global_batch_size=12 is not divisible by the 8 devices"),
+    (["ici_data_parallelism=3", "ici_fsdp_parallelism=1"], "uses 3 devices but 8 are available"),
+    (["ici_data_parallelism=-1", "ici_fsdp_parallelism=-1"], "at most one ici"),
+    (["attention=cudnn"], "attention='cudnn' is not available on cpu; available: dot_product, flash"),
+    (["remat_policy=minimal_offloaded"], "offloads to host memory"),
+    (["logical_axis_rules=[[embed, model]]"], "'model', which is not a mesh axis"),
+])
+def test_impossible_combinations(args, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load(*args, num_devices=8)
+
+
+def test_mesh_fill_and_dcn():
+    cfg = load("ici_data_parallelism=2", "ici_fsdp_parallelism=-1", "ici_tensor_parallelism=2", num_devices=8)
+    assert cfg.derived.ici_mesh_shape == (2, 2, 2) and cfg.derived.batch_shards == 4
+    cfg = load("dcn_data_parallelism=2", num_devices=8)
+    assert cfg.derived.dcn_mesh_shape == (2, 1, 1) and cfg.derived.ici_mesh_shape == (1, 4, 1)
+
+
+def test_missing_keys_and_bad_files(tmp_path):
+    partial = tmp_path / "partial.yml"
+    partial.write_text("steps: 3\n")
+    with pytest.raises(ConfigError, match="missing key"):
+        load_config([str(partial)], platform="cpu", num_devices=1)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([str(tmp_path / "nope.yml")], platform="cpu", num_devices=1)
+    child = tmp_path / "child.yml"
+    child.write_text(f"base_config: {CONFIGS / 'base.yml'}\nnot_a_key: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'not_a_key' in .*child.yml"):
+        load_config([str(child)], platform="cpu", num_devices=1)
+
+
+def test_tiny_config_is_valid():
+    assert tiny_config().derived.num_patches == 16
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["not_a_key=1"], "not_a_key"),
+    (["global_batch_size=abc"], "'global_batch_size' expects int"),
+])
+def test_cli_exits_2_with_one_line(args, needle):
+    # As from a user's shell: no JAX_PLATFORMS, so libtpu (installed for AOT) must stay quiet on its own.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIGS / "L14.yml"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
