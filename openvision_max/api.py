@@ -94,22 +94,6 @@ class OpenVisionModel:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
 
-def _newest_step(checkpoints: pathlib.Path) -> Optional[int]:
-    # Orbax gives a step directory its final (numeric) name only once it is complete.
-    steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
-    return max(steps, default=None)
-
-
-def _run_dir_and_step(path: pathlib.Path) -> Optional[tuple[pathlib.Path, Optional[int]]]:
-    if (path / "config.yml").is_file() and (path / "checkpoints").is_dir():
-        return path, _newest_step(path / "checkpoints")
-    if path.name == "checkpoints" and (path.parent / "config.yml").is_file():
-        return path.parent, _newest_step(path)
-    if path.name.isdigit() and (path / "state").is_dir() and (path.parent.parent / "config.yml").is_file():
-        return path.parent.parent, int(path.name)
-    return None
-
-
 def _load_export(path: pathlib.Path, dtype: str, config: Optional[Config], batch_size: int) -> OpenVisionModel:
     from openvision_max.config.run_config import inference_config
     from openvision_max.export.directory import ExportError, read_export
@@ -145,16 +129,16 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", *, config: Opti
 
     `dtype` is the compute dtype ("float32" or "bfloat16"); parameters stay float32. Raises LoadError.
     """
-    from openvision_max.config.run_config import inference_config, stage_of
+    from openvision_max.config.run_config import find_run, inference_config, stage_of
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    p = pathlib.Path(path)
+    p = pathlib.Path(path).expanduser().absolute()  # orbax refuses relative paths
     if not p.is_dir():
         raise LoadError(f"{path} is not a directory")
     if (p / "open_clip_config.json").is_file():
         return _load_export(p, dtype, config, batch_size)
-    found = _run_dir_and_step(p)
+    found = find_run(p)
     if found is None:
         raise LoadError(f"{path} is not a run directory (config.yml + checkpoints/), a checkpoint directory "
                         "or an exported directory (open_clip_config.json)")

@@ -6,6 +6,11 @@ A config file may name the file it extends with `base_config: <path relative to 
 from the root (normally `configs/base.yml`, which holds every key) down. Overrides are parsed as YAML
 scalars, so `dtype=float32`, `scan_layers=false` and `logical_axis_rules=[[embed, fsdp]]` all work.
 Every problem raises `ConfigError` with one message; `cli_config` turns it into exit status 2.
+
+A run's own `config.yml` (every key resolved, plus `derived`) is accepted as a config file too. Local paths
+in the config are made absolute against the working directory here, where they enter, so a run directory
+or checkpoint named relative to it works from any later working directory; `gs://` and other `scheme:`
+paths (`demo:shapes`) are left as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import difflib
 import functools
 import itertools
 import math
+import os
 import pathlib
+import re
 import sys
 import types
 import typing
@@ -71,6 +78,19 @@ def _read_yaml(path: pathlib.Path) -> dict:
     return data
 
 
+def _unresolve(data: dict) -> dict:
+    """A run's resolved config.yml as a config file: `derived` dropped; a multi-stage run's `stages_resolved`
+    becomes `stages:` entries that each hold their stage's whole config, so every stage comes back as it ran
+    and `stage=NAME` still selects one (the run-wide keys, equal in every stage, come from the last)."""
+    if "stages_resolved" not in data:
+        return {k: v for k, v in data.items() if k != "derived"}
+    resolved = data["stages_resolved"]
+    entries = [{"name": s["derived"]["stage_name"],
+                **{k: v for k, v in s.items() if k not in (*_RUN_KEYS, "derived")}} for s in resolved]
+    last = {k: v for k, v in resolved[-1].items() if k != "derived"}
+    return {**last, "stages": entries, "stage": ""}
+
+
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -82,6 +102,8 @@ def _read_chain(path: pathlib.Path) -> dict:
     layers = []
     for _ in range(_MAX_CHAIN):
         data = _read_yaml(path)
+        if "derived" in data or "stages_resolved" in data:
+            data = _unresolve(data)
         layers.append((path, data))
         parent = data.pop("base_config", None)
         if parent is None:
@@ -262,6 +284,26 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+_PATH_KEYS = ("base_output_directory", "load_parameters_path", "export_dir", "data_cache_dir")
+_EVAL_PATH_KEYS = ("path", "image_dir")
+
+
+def _absolute(path: str) -> str:
+    """`path` made absolute against the working directory (and `~` expanded); "" and URIs (gs://..., demo:x)
+    unchanged."""
+    if not path or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Every path key of `cfg` through `_absolute`: resolved once, where the config enters."""
+    evals = [{k: _absolute(v) if k in _EVAL_PATH_KEYS and isinstance(v, str) else v for k, v in e.items()}
+             if isinstance(e, dict) else e for e in cfg.evals]
+    return dataclasses.replace(cfg, **{k: _absolute(getattr(cfg, k)) for k in _PATH_KEYS},
+                               train_data=[_absolute(t) for t in cfg.train_data], evals=evals)
+
+
 def _target(cfg: Config) -> tuple[str, int]:
     """The platform and device count the run compiles for."""
     if cfg.compile_topology:
@@ -301,8 +343,8 @@ def load_stages(argv: list[str], *, platform: str | None = None, num_devices: in
     configs = []
     for index, (name, raw) in enumerate(raw_stages):
         try:
-            cfg = finalize(_build(Config, raw), platform=platform, num_devices=num_devices, stage_name=name,
-                           stage_index=index)
+            cfg = finalize(_absolute_paths(_build(Config, raw)), platform=platform, num_devices=num_devices,
+                           stage_name=name, stage_index=index)
         except ConfigError as e:
             raise ConfigError(f"{e} (stage {name!r})" if len(raw_stages) > 1 else str(e)) from None
         configs.append(cfg)

@@ -20,6 +20,24 @@ from openvision_max.config.schema import ATTENTION_AVAILABLE, Config
 BASE_YML = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.yml"
 
 
+def _newest_step(checkpoints: pathlib.Path) -> Optional[int]:
+    # Orbax gives a step directory its final (numeric) name only once it is complete.
+    steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
+    return max(steps, default=None)
+
+
+def find_run(path: pathlib.Path) -> Optional[tuple[pathlib.Path, Optional[int]]]:
+    """(run directory, checkpoint step or None for the newest) of a run directory (config.yml +
+    checkpoints/), its checkpoints/ directory or one step directory; None for anything else."""
+    if (path / "config.yml").is_file() and (path / "checkpoints").is_dir():
+        return path, _newest_step(path / "checkpoints")
+    if path.name == "checkpoints" and (path.parent / "config.yml").is_file():
+        return path.parent, _newest_step(path)
+    if path.name.isdigit() and (path / "state").is_dir() and (path.parent.parent / "config.yml").is_file():
+        return path.parent.parent, int(path.name)
+    return None
+
+
 def stage_of(resolved: dict[str, Any], step: Optional[int]) -> dict[str, Any]:
     """The stage dict of a config.yml that covers checkpoint `step` (the last stage when unknown)."""
     stages = resolved.get("stages_resolved")

@@ -1,17 +1,21 @@
-"""`python -m openvision_max.export CONFIG [key=value ...] load_parameters_path=RUN export_dir=DIR`
+"""`python -m openvision_max.export [CONFIG] [key=value ...] load_parameters_path=RUN export_dir=DIR`
 
 Writes an open_clip-loadable directory of the parameters at `load_parameters_path` (a run, its checkpoints/
-or one step directory) for the model CONFIG describes. With stages, the last stage selected is exported
-(its image_size goes into the open_clip config; `stage=NAME` or `image_size=` choose another).
+or one step directory) for the model CONFIG describes. CONFIG may be left out when load_parameters_path is
+in a run directory: the run's own config.yml is used (overrides still apply). With stages, the last stage
+selected is exported (its image_size goes into the open_clip config; `stage=NAME` or `image_size=` choose
+another).
 Config and input errors print one line and exit 2; nothing is left under export_dir on failure.
 """
 
 from __future__ import annotations
 
+import pathlib
 import sys
 import time
 
 from openvision_max.config import cli_config
+from openvision_max.config.run_config import find_run
 from openvision_max.export.directory import ExportError, write_export
 from openvision_max.training.checkpointing import CheckpointError
 
@@ -23,8 +27,33 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+# A run's config.yml may name a mesh or an attention kernel of the machine it trained on; the export reads
+# parameters on one device of this host, so those are reset (before the command line's overrides).
+ONE_HOST = ["ici_data_parallelism=1", "ici_fsdp_parallelism=-1", "ici_tensor_parallelism=1",
+            "dcn_data_parallelism=-1", "dcn_fsdp_parallelism=1", "dcn_tensor_parallelism=1",
+            "attention=dot_product", "compile_topology=''"]
+
+
+def with_run_config(argv: list[str]) -> list[str]:
+    """`argv` with the run's config.yml first when no config file is given, and the one-host settings after
+    a run's config.yml."""
+    if argv and "=" in argv[0] and not pathlib.Path(argv[0]).is_file():
+        given = [a.split("=", 1)[1] for a in argv if a.startswith("load_parameters_path=")]
+        if not given:
+            fail("give a config file first, or load_parameters_path= of a run directory (its config.yml is used)")
+        found = find_run(pathlib.Path(given[-1]).expanduser().absolute())
+        if found is None:
+            fail(f"load_parameters_path={given[-1]} is not in a run directory (config.yml + checkpoints/): give the "
+                 "config file first")
+        return [str(found[0] / "config.yml"), *ONE_HOST, *argv]
+    config = pathlib.Path(argv[0]).expanduser().absolute() if argv else None
+    if config is not None and config.name == "config.yml" and find_run(config.parent) is not None:
+        return [argv[0], *ONE_HOST, *argv[1:]]
+    return argv
+
+
 def main(argv: list[str]) -> None:
-    cfg = cli_config(argv, PROG)[-1]
+    cfg = cli_config(with_run_config(argv), PROG)[-1]
     if not cfg.load_parameters_path:
         fail("load_parameters_path= is required (a run directory, its checkpoints/ or one step directory)")
     if not cfg.export_dir:

@@ -68,6 +68,16 @@ def _save_safetensors(path: pathlib.Path, state: mapping.State, metadata: dict[s
     save_file(state, str(path), metadata=metadata)
 
 
+def umask_modes(directory: pathlib.Path) -> None:
+    """`directory` and its entries get the modes a plain mkdir/open would have given: mkdtemp makes the
+    directory 0700 and some writers make files 0600, which would leave a shared model directory unreadable to
+    the users it is exported for."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it; set straight back
+    for path in [directory, *directory.iterdir()]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pathlib.Path:
     """Writes the export of `params` (a tree of arrays fitting `cfg`) to `export_dir`, which must not exist
     or be empty. Files go to a temporary sibling directory renamed into place at the end, so a failure
@@ -85,6 +95,7 @@ def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pat
         (tmp / DECODER_CONFIG).write_text(json.dumps(decoder_config(cfg), indent=2) + "\n")
         _save_safetensors(tmp / DECODER_WEIGHTS, decoder, {"format": "pt"})
         (tmp / OUR_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        umask_modes(tmp)
         if target.exists():
             target.rmdir()  # empty, checked above
         os.rename(tmp, target)

@@ -23,7 +23,7 @@ import yaml
 
 from openvision_max.config import cli_config, config_to_dict
 from openvision_max.config.schema import Config
-from openvision_max.export.directory import ExportError, read_export
+from openvision_max.export.directory import ExportError, read_export, umask_modes
 from openvision_max.export.mapping import FormatError, from_open_clip
 from openvision_max.export.open_clip_config import architecture_mismatches
 
@@ -41,7 +41,7 @@ def import_open_clip(directory: str | os.PathLike, cfg: Config, output: str | os
     from openvision_max.training.checkpointing import Checkpointer
     from openvision_max.training.params import init_params
 
-    target = pathlib.Path(output)
+    target = pathlib.Path(output).expanduser().absolute()  # orbax refuses relative checkpoint paths
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ImportFailed(f"output {target} already exists and is not an empty directory")
     try:
@@ -66,6 +66,7 @@ def import_open_clip(directory: str | os.PathLike, cfg: Config, output: str | os
         (tmp / "config.yml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         with Checkpointer(tmp / "checkpoints", max_to_keep=1, period=1) as ckpt:
             ckpt.maybe_save(0, {"params": params}, {"imported_from": str(directory), "decoder": how}, force=True)
+        umask_modes(tmp)
         if target.exists():
             target.rmdir()
         os.rename(tmp, target)

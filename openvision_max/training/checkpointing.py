@@ -173,6 +173,8 @@ def load_parameters(path: str | os.PathLike, abstract_params: Any) -> Any:
     """Only the parameters of another run's checkpoint, placed as `abstract_params` says (shapes, dtypes,
     shardings): to start a new run from them. `path` is a run directory, its `checkpoints/` directory (newest
     complete step of either) or one step directory. Raises CheckpointError when nothing usable is there."""
+    if not epath.Path(path).exists():
+        raise CheckpointError(f"{path} does not exist")
     directory, step = _locate(epath.Path(path))
     manager = _manager(directory, read_only=True)
     try:

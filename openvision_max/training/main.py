@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import yaml
+from etils import epath
 
 from openvision_max import models
 from openvision_max.config import cli_config, config_to_dict
@@ -58,6 +59,8 @@ def find_resume(ckpt: checkpointing.Checkpointer) -> Resume | None:
 def preflight(stages: list[Config]) -> None:
     """Open every stage's training shards and eval sets now: a bad path costs seconds, not a stage."""
     for cfg in stages:
+        if cfg.load_parameters_path and not epath.Path(cfg.load_parameters_path).exists():
+            raise checkpointing.CheckpointError(f"load_parameters_path: {cfg.load_parameters_path} does not exist")
         if cfg.dataset_type == "grain" and not cfg.eval_only:
             resolve(cfg.train_data, cfg.data_cache_dir)
         EvalRunner(cfg)
@@ -68,6 +71,7 @@ def evaluate_only(cfg: Config) -> pathlib.Path:
     if not cfg.load_parameters_path:
         raise checkpointing.CheckpointError("eval_only=true needs load_parameters_path (a run directory or a "
                                             "checkpoint)")
+    preflight([cfg])
     runner = EvalRunner(cfg)
     run_dir = run_directory([cfg])
     print(f"run directory: {run_dir}", flush=True)

@@ -122,3 +122,39 @@ def test_cli_exits_2_with_one_line(args, needle):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_paths_are_made_absolute_where_they_enter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load("base_output_directory=runs", "load_parameters_path=runs/a/checkpoints/40",
+               "export_dir=~/exports/a", "data_cache_dir=cache",
+               "train_data=[demo:shapes, data/ar, 'gs://bucket/ar/*.array_record', /abs/x]",
+               "evals=[{name: v, type: zeroshot, path: val}, {name: r, type: retrieval, path: c.json, image_dir: im}]")
+    assert cfg.base_output_directory == str(tmp_path / "runs")
+    assert cfg.load_parameters_path == str(tmp_path / "runs/a/checkpoints/40")
+    assert cfg.export_dir == os.path.expanduser("~/exports/a") and cfg.data_cache_dir == str(tmp_path / "cache")
+    assert cfg.train_data == ["demo:shapes", str(tmp_path / "data/ar"), "gs://bucket/ar/*.array_record", "/abs/x"]
+    assert [e["path"] for e in cfg.evals] == [str(tmp_path / "val"), str(tmp_path / "c.json")]
+    assert cfg.evals[1]["image_dir"] == str(tmp_path / "im")
+    assert load("load_parameters_path=").load_parameters_path == ""
+
+
+@pytest.mark.parametrize("stage", ["", "finetune_224"])
+def test_a_runs_config_yml_is_a_config(tmp_path, stage):
+    """The resolved config.yml the trainer writes (one stage, or every stage of a multi-stage run) loads back
+    to the same configs, and overrides still apply."""
+    from openvision_max.config import config_to_dict, load_stages
+    from openvision_max.training.main import run_directory
+
+    args = [str(CONFIGS / "L14.yml"), f"base_output_directory={tmp_path}", "run_name=r", *([f"stage={stage}"]
+                                                                                             if stage else [])]
+    stages = load_stages(args, platform="cpu", num_devices=1)
+    assert len(stages) == (1 if stage else 3)
+    written = run_directory(stages) / "config.yml"
+    again = load_stages([str(written)], platform="cpu", num_devices=1)
+
+    def resolved(c):  # `stages` of a reloaded multi-stage run lists each stage's whole config instead
+        return {k: v for k, v in config_to_dict(c).items() if k != "stages"}
+    assert [resolved(c) for c in again] == [resolved(c) for c in stages]
+    smaller = load_stages([str(written), "global_batch_size=64"], platform="cpu", num_devices=1)
+    assert {c.global_batch_size for c in smaller} == {64}

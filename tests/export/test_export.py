@@ -21,7 +21,7 @@ from openvision_max import models  # noqa: E402
 from openvision_max.config import load_config  # noqa: E402
 from openvision_max.export import __main__ as export_cli  # noqa: E402
 from openvision_max.export import mapping  # noqa: E402
-from openvision_max.export.directory import DECODER_WEIGHTS, read_export, write_export  # noqa: E402
+from openvision_max.export.directory import DECODER_WEIGHTS, WEIGHTS, read_export, write_export  # noqa: E402
 from openvision_max.export.open_clip_config import mlp_ratio, open_clip_config  # noqa: E402
 from openvision_max.training import checkpointing  # noqa: E402
 from openvision_max.training.checkpointing import Checkpointer  # noqa: E402
@@ -524,3 +524,54 @@ def test_eval_transform_matches_torchvision_on_non_square_photos():
         for size in (32, 224):
             ref = T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.BILINEAR)(img))
             np.testing.assert_array_equal(eval_image(img, size), np.asarray(ref))
+
+
+# --- Paths as a user gives them ---------------------------------------------------------------------------
+
+
+def test_relative_paths_from_another_working_directory(tiny, tmp_path, monkeypatch, capsys):
+    """Relative load_parameters_path / export_dir (export CLI, eval_only) and load_model resolve against the
+    working directory; the export needs no config file for a run directory, and accepts the run's config.yml;
+    what it writes has the umask's modes; a path that does not exist is one line (CLI) or a LoadError (API)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    import openvision_max
+    from openvision_max.data.records import Record, shard_name
+    from openvision_max.training.main import main as train_main
+
+    from photo_data import photo_bytes
+
+    monkeypatch.chdir(tmp_path)
+    run = os.path.relpath(tiny.run, tmp_path)  # "../.../run"
+    export_cli.main([f"load_parameters_path={run}", "export_dir=from-run"])  # no config file
+    export_cli.main([f"{run}/config.yml", f"load_parameters_path={run}/checkpoints", "export_dir=from-yml"])
+    for name in ("from-run", "from-yml"):
+        assert (tmp_path / name / WEIGHTS).read_bytes() == (tiny.export / WEIGHTS).read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "from-run").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "from-run").iterdir()} == {0o666 & ~umask}
+
+    model = openvision_max.load_model(run)
+    assert model.embed_dim == tiny.cfg.embed_dim
+    with pytest.raises(openvision_max.api.LoadError, match="nope is not a directory"):
+        openvision_max.load_model("nope")
+
+    (tmp_path / "val").mkdir()
+    writer = ArrayRecordWriter(str(tmp_path / "val" / shard_name("val", 0, 1)), "group_size:1")
+    for i, photo in enumerate(("chelsea", "coffee")):
+        writer.write(Record(f"k{i}", photo_bytes(photo, "PNG", 64), label=i).encode())
+    writer.close()
+    evals = "evals=[{name: v, type: zeroshot, path: val, class_names: [cat, coffee]}]"
+    train_main([*CONFIG_ARGS, "eval_only=true", f"load_parameters_path={run}", "base_output_directory=out",
+                "run_name=ev", evals])
+    assert f"run directory: {tmp_path / 'out' / 'ev'}" in capsys.readouterr().out
+    assert "eval/v/top1" in (tmp_path / "out" / "ev" / "metrics.jsonl").read_text()
+
+    code, err = run_cli(export_cli.main, [*CONFIG_ARGS, "load_parameters_path=nope", "export_dir=x"], capsys)
+    assert code == 2 and f"{tmp_path / 'nope'} does not exist" in err
+    code, err = run_cli(export_cli.main, ["load_parameters_path=nope", "export_dir=x"], capsys)
+    assert code == 2 and "is not in a run directory" in err
+    code, err = run_cli(train_main, [*CONFIG_ARGS, "eval_only=true", "load_parameters_path=nope", evals], capsys)
+    assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "x").exists()
