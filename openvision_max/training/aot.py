@@ -102,19 +102,28 @@ def while_loops(compiled) -> list[str]:
     return sorted(set(paths))
 
 
+# Custom calls of TPU programs that the cost model books at -1 s each (seen with libtpu 0.0.42.1).
+UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast", "SliceId", "ZeroCrop")
+
+
 def cost_report(cfg: Config, compiled, device_kind: str) -> dict[str, Any]:
     """The compiler's per-device FLOPs, bytes and modelled step time, and the MFU of the analytic model FLOPs
     (flops.py, no remat recompute) at that modelled time against the datasheet peak.
 
     The modelled time is withheld (None; the compiler's figure stays in `optimal_seconds_raw`) when it is
     known to be wrong: XLA's cost analysis counts a while loop's body once, not once per iteration (L/14
-    scanned: 1.23 TFLOP and 11 ms against 15.8 TFLOP and 88 ms unrolled), and a non-positive value (-68 for
-    multi-slice programs) means no estimate.
+    scanned: 1.23 TFLOP and 11 ms against 15.8 TFLOP and 88 ms unrolled), and it books every custom call it
+    cannot cost at -1 s, so a program holding any has a negative total and no estimate. Such calls come from
+    the TPU compiler itself: `ConcatBitcast` joins the halves of a sliced prefetch into on-chip memory (e.g.
+    the demo's vocab-sized shards on v4-8, v5e-1, v5e-4, v6e-1), `SliceId`/`ZeroCrop` appear in multi-slice
+    programs; unrolling the layers does not remove them. They are counted in `uncosted_custom_calls`.
     """
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per program
     raw_s = float(cost.get("optimal_seconds", 0.0))
     loops = while_loops(compiled)
+    text = compiled.as_text()
+    uncosted = {t: n for t in UNCOSTED_CUSTOM_CALLS if (n := text.count(f'custom_call_target="{t}"'))}
     modelled_s = raw_s if raw_s > 0 and not loops else None
     model_flops = flops.flops_per_sample(cfg)["train_total"] * cfg.global_batch_size / cfg.derived.num_devices
     peak = peak_flops.datasheet_peak(device_kind, cfg.dtype)
@@ -123,6 +132,7 @@ def cost_report(cfg: Config, compiled, device_kind: str) -> dict[str, Any]:
         "compiled_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
         "model_flops_per_device": model_flops,
         "while_loops": loops,
+        "uncosted_custom_calls": uncosted,
         "optimal_seconds_raw": raw_s,
         "modelled_step_seconds": modelled_s,
         "peak_flops_per_device": peak,
@@ -136,14 +146,16 @@ def report(cfg: Config) -> dict[str, Any]:
 
     With scan_layers=true the compiler's cost model cannot see through the layer loop, so the same step is
     compiled a second time unrolled and its modelled time reported, labelled as such (`cost_model_of`); the
-    memory figures are always those of the configured (scanned) program.
+    memory figures are always those of the configured (scanned) program. When the cost model already refused
+    the scanned program (a non-positive time: custom calls it cannot cost), the unrolled one holds the same
+    calls, so the second compile is skipped.
     """
     compiled, mesh, times = compile_train_step(cfg)
     spec = topology.spec(cfg.compile_topology)
     device = mesh.devices.flat[0]
     cost = cost_report(cfg, compiled, device.device_kind)
     cost_model_of = "the configured program"
-    if cost["while_loops"] and cfg.scan_layers:
+    if cost["while_loops"] and cfg.scan_layers and cost["optimal_seconds_raw"] > 0:
         unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
         unrolled, _, unrolled_times = compile_train_step(unrolled_cfg)
         unrolled_cost = cost_report(unrolled_cfg, unrolled, device.device_kind)
@@ -184,12 +196,14 @@ def format_report(r: dict[str, Any]) -> str:
     """The human-readable block; every time figure from the compiler is labelled modelled."""
     m = r["memory"]
     verdict = "fits" if m["fits"] else "does NOT fit"
-    if r["while_loops"]:
+    if r["optimal_seconds_raw"] <= 0:
+        calls = ", ".join(f"{n} {t}" for t, n in r.get("uncosted_custom_calls", {}).items()) or "custom calls"
+        step = (f"not modelled: the compiler's cost model books each custom call it cannot cost at -1 s "
+                f"({calls}; optimal_seconds={r['optimal_seconds_raw']:g})")
+    elif r["while_loops"]:
         step = (f"not usable: the program loops ({', '.join(r['while_loops'])}) and the cost model counts a "
                 f"loop body once (it says {_si(r['optimal_seconds_raw'], 's')}, FLOPs likewise undercounted); "
                 "compile with scan_layers=false for a modelled time")
-    elif r["modelled_step_seconds"] is None:
-        step = f"not modelled (the compiler returned optimal_seconds={r['optimal_seconds_raw']:g})"
     else:
         step = (f"{_si(r['modelled_step_seconds'], 's')} = "
                 f"{r['modelled_samples_per_second']:.4g} samples/s modelled")

@@ -103,7 +103,9 @@ def test_abstract_batch_matches_the_synthetic_pipeline(tiny_v5p8):
 def test_does_not_fit_is_reported():
     from openvision_max.training import aot
     text = aot.format_report(_fake_report(total=200e9, hbm=95 * 2 ** 30))
-    assert "does NOT fit" in text and "not modelled (the compiler returned optimal_seconds=-68)" in text
+    assert "does NOT fit" in text
+    assert ("not modelled: the compiler's cost model books each custom call it cannot cost at -1 s (25 SliceId, "
+            "50 ZeroCrop; optimal_seconds=-75)") in text
 
 
 def _fake_report(total: float, hbm: int) -> dict:
@@ -115,7 +117,8 @@ def _fake_report(total: float, hbm: int) -> dict:
         "memory": {"argument_bytes": 0, "output_bytes": 0, "alias_bytes": 0, "temp_bytes": total, "code_bytes": 0,
                    "total_bytes": total, "hbm_bytes": hbm, "fits": total <= hbm},
         "compiled_flops_per_device": 1e12, "compiled_bytes_accessed_per_device": 1e9,
-        "model_flops_per_device": 1e12, "while_loops": [], "optimal_seconds_raw": -68.0,
+        "model_flops_per_device": 1e12, "while_loops": [], "optimal_seconds_raw": -75.0,
+        "uncosted_custom_calls": {"SliceId": 25, "ZeroCrop": 50},
         "modelled_step_seconds": None, "peak_flops_per_device": 459e12, "modelled_mfu": None,
         "modelled_samples_per_second": None,
     }
@@ -159,3 +162,18 @@ def test_config_error_is_one_line_with_libtpu_installed():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "train.py: config error: attention='cudnn' is not available on cpu; available: dot_product, flash"], proc.stderr
+
+
+def test_a_refused_cost_model_says_why_and_is_not_compiled_twice():
+    """The demo on v5e-4: the compiler slices the prefetch of its vocab-sized shards (ConcatBitcast custom
+    calls, which the cost model books at -1 s each), so no time is modelled; the unrolled program would hold
+    the same calls, so it is not compiled."""
+    pytest.importorskip("libtpu")
+    from openvision_max.config import load_config
+    from openvision_max.training import aot
+    r = aot.report(load_config([str(CONFIGS / "demo.yml"), "compile_topology=v5e-4"]))
+    assert r["optimal_seconds_raw"] <= 0 and r["modelled_step_seconds"] is None
+    assert r["uncosted_custom_calls"].get("ConcatBitcast", 0) > 0
+    assert "unrolled_compile_s" not in r and r["cost_model_of"] == "the configured program"
+    assert "not modelled: the compiler's cost model books each custom call it cannot cost at -1 s (" in \
+        aot.format_report(r)
