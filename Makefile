@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
-# Test tools and the `export` extra (torch, open_clip): the export parity tests are part of the suite.
+# Test tools, the `export` extra (torch, open_clip: the export parity tests are part of the suite) and `viz`
+# (TensorBoard, which reads the runs' event files in a test).
 install-test: $(STAMP_TEST)
 
 $(STAMP_TEST): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[test,export]"
+	$(PY) -m pip install --quiet -e ".[test,export,viz]"
 	touch $(STAMP_TEST)
 
 test: install-test

@@ -16,7 +16,7 @@ from openvision_max.evals.runner import EvalRunner
 from openvision_max.mesh.sharding import activate, create_mesh
 from openvision_max.models import flops
 from openvision_max.training import checkpointing, optimizer
-from openvision_max.training.metrics import MetricsWriter
+from openvision_max.training.metrics import MetricsWriter, Progress
 from openvision_max.training.step import TrainState, abstract_state, create_state, jit_train_step, state_from_params
 
 
@@ -56,6 +56,7 @@ def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointe
     abstract = abstract_state(model, tx, cfg, mesh)
     if resume is not None:
         state, meta = ckpt.restore(resume.step, abstract)
+        _say_if_schedule_changed(cfg, meta.get("schedule"), int(state.step))
         return state, meta["data"]
     if params is None and params_path:
         params = checkpointing.load_parameters(params_path, abstract.params)
@@ -63,6 +64,28 @@ def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointe
         return create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed)), None
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     return state_from_params(tx, state_sh, params), None
+
+
+def schedule_of(cfg: Config) -> dict[str, float]:
+    """What fixes the learning-rate schedule of a stage (saved with each checkpoint, compared at resume)."""
+    return {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps,
+            "peak_learning_rate": cfg.derived.peak_learning_rate}
+
+
+def _say_if_schedule_changed(cfg: Config, saved: dict | None, step: int) -> None:
+    """A resume with other steps / warmup / batch or base_lr moves the schedule under the run: say how."""
+    now = schedule_of(cfg)
+    if saved is None or saved == now:
+        return
+    changes = ", ".join(f"{k} {saved[k]:g} -> {now[k]:g}" for k in now if saved.get(k) != now[k])
+    before = dataclasses.replace(cfg, steps=int(saved["steps"]), warmup_steps=int(saved["warmup_steps"]),
+                                 derived=dataclasses.replace(cfg.derived,
+                                                             peak_learning_rate=saved["peak_learning_rate"]))
+    lr_then = float(optimizer.learning_rate_schedule(before)(step))
+    lr_now = float(optimizer.learning_rate_schedule(cfg)(step))
+    print(f"warning: the learning-rate schedule changed at resume ({changes}): at step {step + 1} of stage "
+          f"{cfg.derived.stage_name} the learning rate is {lr_now:.4g}, the run as it began would have used "
+          f"{lr_then:.4g}", flush=True)
 
 
 def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointing.PreemptionGuard,
@@ -74,7 +97,11 @@ def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointin
     data = data_lib.create_iterator(cfg, mesh)
     evals = EvalRunner(cfg)
     print(f"stage {name}: {cfg.steps} steps of {cfg.global_batch_size} at {cfg.image_size}px, "
-          f"mesh {dict(mesh.shape)}", flush=True)
+          f"mesh {dict(mesh.shape)}; loss = {cfg.contrastive_weight:g} x contrastive_loss + "
+          f"{cfg.caption_weight:g} x caption_loss", flush=True)
+    if cfg.warmup_steps >= cfg.steps:
+        print(f"warning: warmup_steps={cfg.warmup_steps} >= steps={cfg.steps} (stage {name}): the learning rate "
+              "rises for the whole stage and never decays", flush=True)
     try:
         with activate(cfg, mesh):
             return _steps(cfg, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
@@ -99,7 +126,7 @@ def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, 
             _log(cfg, writer, timer, *pending, data.metrics())
         pending = (step, metrics) if step % cfg.log_period == 0 or step in (start + 1, cfg.steps) else None
         meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
-                "seed": cfg.seed, "data": data.get_state()}
+                "seed": cfg.seed, "schedule": schedule_of(cfg), "data": data.get_state()}
         if guard.preempted(offset + step):
             ckpt.maybe_save(offset + step, state, meta, force=True)
             ckpt.wait()
@@ -122,7 +149,9 @@ def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, 
 def _log(cfg: Config, writer: MetricsWriter, timer: StepTimer, step: int, metrics,
          data_metrics: dict[str, float]) -> None:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()} | data_metrics
-    writer.write(cfg.derived.step_offset + step, cfg.derived.stage_name, {**values, **timer.measure(step)})
+    throughput = timer.measure(step)
+    progress = Progress(step, cfg.steps, (cfg.steps - step) * throughput["step_time_s"])
+    writer.write(cfg.derived.step_offset + step, cfg.derived.stage_name, {**values, **throughput}, progress)
     if values["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
         raise TrainingStopped(
             f"stopping: {int(values['nonfinite_in_a_row'])} steps in a row had a non-finite loss or gradient "

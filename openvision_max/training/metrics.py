@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
-from typing import Any
+from typing import Any, Optional
 
 # Printed in this order when present; everything else follows alphabetically.
 _ORDER = ("loss", "contrastive_loss", "caption_loss", "learning_rate", "temperature", "grad_norm",
           "step_time_s", "samples_per_s", "tflops_per_device", "mfu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a logged step is in its stage, for the printed line (not a metric: not in metrics.jsonl)."""
+    stage_step: int
+    stage_steps: int
+    eta_s: float  # the stage's remaining steps at the measured step time
+
+    def __str__(self) -> str:
+        eta = round(self.eta_s)
+        clock = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
+        return f"{self.stage_step}/{self.stage_steps}, eta {clock}"
 
 
 def _fmt(v: Any) -> str:
@@ -30,7 +44,7 @@ class MetricsWriter:
     def close(self) -> None:
         self.tensorboard.close()
 
-    def write(self, step: int, stage: str, values: dict[str, Any]) -> None:
+    def write(self, step: int, stage: str, values: dict[str, Any], progress: Optional[Progress] = None) -> None:
         record = {"step": step, "stage": stage, **{k: (float(v) if not isinstance(v, str) else v)
                                                     for k, v in values.items()}}
         self.last_evals.update({k: v for k, v in record.items() if k.startswith("eval/")})
@@ -40,4 +54,5 @@ class MetricsWriter:
             if k != "step" and not isinstance(v, str):
                 self.tensorboard.add_scalar(k, v, step)
         keys = [k for k in _ORDER if k in values] + sorted(k for k in values if k not in _ORDER)
-        print(f"step {step} [{stage}] " + " ".join(f"{k}={_fmt(record[k])}" for k in keys), flush=True)
+        where = f"{stage} {progress}" if progress else stage
+        print(f"step {step} [{where}] " + " ".join(f"{k}={_fmt(record[k])}" for k in keys), flush=True)

@@ -39,8 +39,10 @@ def metrics(run_dir):
 
 
 def test_binary_on_a_mesh_writes_the_single_device_losses(tmp_path):
-    common = ["steps=5", "log_period=1"]
-    train(tmp_path, "run_name=one", *common, devices=1)
+    """Also: what the metric line says (loss composition, progress and ETA), the warmup warning, TensorBoard
+    events readable by TensorBoard, and the warning when a resume changes the learning-rate schedule."""
+    common = ["steps=5", "log_period=1", "warmup_steps=8"]
+    out = train(tmp_path, "run_name=one", *common, devices=1).stdout
     train(tmp_path, "run_name=mesh", *common, "ici_data_parallelism=2", "ici_fsdp_parallelism=2",
           "ici_tensor_parallelism=2", devices=8)
     one, mesh = metrics(tmp_path / "one"), metrics(tmp_path / "mesh")
@@ -49,8 +51,23 @@ def test_binary_on_a_mesh_writes_the_single_device_losses(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     for m in one:
         assert REQUIRED <= set(m) and 0 < m["mfu"] <= 1
+        assert m["loss"] == pytest.approx(m["contrastive_loss"] + 2 * m["caption_loss"], rel=1e-5)
+    assert out.count("loss = 1 x contrastive_loss + 2 x caption_loss") == 1
+    assert out.count("warning: warmup_steps=8 >= steps=5 (stage main)") == 1
+    assert "step 5 [main 5/5, eta 0m00s] loss=" in out and "step 2 [main 2/5, eta " in out
     run = tmp_path / "one"
-    assert (run / "config.yml").is_file() and any((run / "tensorboard").iterdir())
+    assert (run / "config.yml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in one])
+
+    longer = train(tmp_path, "run_name=one", "steps=7", "log_period=1", "warmup_steps=8").stdout
+    assert "resuming from checkpoint step 5" in longer
+    lr = [m["learning_rate"] for m in metrics(run) if m["step"] == 6][0]
+    assert (f"warning: the learning-rate schedule changed at resume (steps 5 -> 7): at step 6 of stage main the "
+            f"learning rate is {lr:.4g}, the run as it began would have used ") in longer
 
 
 RESUME = ["steps=30", "checkpoint_period=10", "log_period=10", "global_batch_size=32"]

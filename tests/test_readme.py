@@ -1,0 +1,153 @@
+"""The README's command blocks, run on tiny inputs.
+
+Every command in a ```bash block of README.md must have an entry in `VARIANTS` below (the first test fails
+on a command without one), which says how it runs here: the README's own arguments with a tiny model, a step
+or two, and the README's `/data/...` paths pointing into a temporary directory. The Python API block runs as
+written, on the run an earlier command made. `make demo` and `make test` are what CI itself runs.
+"""
+
+import dataclasses
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY
+
+README = (ROOT / "README.md").read_text()
+# What every training command of the README adds: the tiny model, one step, synthetic data unless it asks
+# for grain, no evals. Later arguments win, so these shrink the README's batch and model.
+TRAIN_TINY = [*TINY, "steps=1", "global_batch_size=8", "log_period=1", "evals=[]"]
+
+
+def readme_commands() -> list[str]:
+    """Each command of the README's bash blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
+            if line:
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+@dataclasses.dataclass
+class Variant:
+    group: str                 # the test that runs it (commands of a group share a working directory)
+    extra: tuple = ()          # arguments appended to the README's
+    data: bool = False         # README paths under /data/ go to <tmp>/data/
+
+
+VARIANTS = {
+    "python train.py configs/L14.yml global_batch_size=4096 ici_fsdp_parallelism=-1": Variant("train", (
+        "dataset_type=synthetic", *TRAIN_TINY)),
+    "python -m openvision_max.summary configs/B16.yml image_size=224": Variant("train"),
+    "python train.py configs/B16.yml image_size=160 global_batch_size=1024 vision.depth=6 dtype=float32":
+        Variant("train", ("dataset_type=synthetic", *TRAIN_TINY, "run_name=b16")),
+    "python train.py configs/L14.yml run_name=l14 base_output_directory=runs": Variant("train", (
+        "dataset_type=synthetic", *TRAIN_TINY)),
+    "tensorboard --logdir runs/": Variant("train", ("--inspect",)),
+    "python -m openvision_max.export configs/B16.yml image_size=224 load_parameters_path=runs/b16 "
+    "export_dir=exports/b16-224": Variant("train", TINY),
+    "python -m openvision_max.import_open_clip exports/b16-224 configs/B16.yml image_size=224 "
+    "output=runs/b16-imported": Variant("train", TINY),
+    "python -m openvision_max.data.convert --format webdataset --input '/data/recap/{00000..00099}.tar' "
+    "--output /data/recap-ar --workers 16 --recaption-field re_caption": Variant("data", ("--workers", "2"),
+                                                                                data=True),
+    "python -m openvision_max.data.convert --format table --input pairs.parquet --output /data/pairs-ar "
+    "--image-column image --alt-text-column alt_text --recaption-column recaption": Variant("data", data=True),
+    "python -m openvision_max.data.convert --format imagefolder --input /data/imagenet/val --output "
+    "/data/in1k-val": Variant("data", data=True),
+    "python train.py configs/L14.yml dataset_type=grain train_data='[/data/recap-ar]' grain_worker_count=16":
+        Variant("data", (*TRAIN_TINY, "grain_worker_count=2"), data=True),
+    "python train.py configs/L14.yml compile_topology=v5p-256 global_batch_size=16384 image_size=224":
+        Variant("aot", (*TINY, "global_batch_size=256", "stage=finetune_224")),
+}
+
+
+def test_every_readme_command_has_a_tiny_variant():
+    commands = readme_commands()
+    assert commands[:2] == ["make demo", "make test"]
+    assert sorted(set(commands[2:])) == sorted(VARIANTS), "README commands and VARIANTS differ"
+
+
+def run(command: str, cwd, data_root=None) -> subprocess.CompletedProcess:
+    """The README command with its variant's arguments, as a user's shell would run it, in `cwd`."""
+    variant = VARIANTS[command]
+    if variant.data:
+        command = command.replace("/data/", f"{data_root}/data/")
+    argv = [*shlex.split(command), *variant.extra]
+    if argv[0] == "python":
+        argv[0] = sys.executable
+        if argv[1] == "train.py":
+            argv[1] = str(ROOT / "train.py")
+    elif argv[0] == "tensorboard":
+        argv[0] = str(ROOT / ".venv" / "bin" / "tensorboard") if (ROOT / ".venv/bin/tensorboard").exists() \
+            else "tensorboard"
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def workspace(tmp_path):
+    """A working directory as a user's checkout: configs/ and train.py beside the runs."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    return tmp_path
+
+
+def commands_of(group: str) -> list[str]:
+    return [c for c in readme_commands()[2:] if VARIANTS[c].group == group]
+
+
+def test_training_export_import_and_api_commands(tmp_path):
+    cwd = workspace(tmp_path)
+    out = {c: run(c, cwd) for c in commands_of("train")}
+    summary = json.loads(out["python -m openvision_max.summary configs/B16.yml image_size=224"].stdout)
+    assert summary  # the JSON object of parameters and FLOPs
+    assert (cwd / "runs" / "l14" / "metrics.jsonl").is_file()
+    assert (cwd / "exports" / "b16-224" / "open_clip_config.json").is_file()
+    assert (cwd / "runs" / "b16-imported" / "config.yml").is_file()
+    assert "loss" in out["tensorboard --logdir runs/"].stdout
+
+    # The Python API block, as written, on the run the B16 command made.
+    api = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    images = "images = [np.zeros((40, 30, 3), np.uint8), np.full((30, 40, 3), 200, np.uint8)]"
+    code = f"import numpy as np\n{images}\n{api}\nassert probs.shape == (2, 2)\n"
+    subprocess.run([sys.executable, "-c", code], cwd=cwd, check=True, timeout=300)
+
+
+def test_data_commands(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from photo_data import make_photo_webdataset, photo_bytes
+
+    cwd = workspace(tmp_path)
+    recap = tmp_path / "data" / "recap"
+    recap.mkdir(parents=True)
+    for i in range(2):  # two of the README's hundred shards: the brace range matches those that exist
+        make_photo_webdataset(recap, name=f"{i:05d}.tar", key_prefix=f"s{i}-")
+    (cwd / "img").mkdir()
+    for i, photo in enumerate(("astronaut", "chelsea")):
+        (cwd / "img" / f"{i}.jpg").write_bytes(photo_bytes(photo, "JPEG"))
+    pq.write_table(pa.table({"image": ["img/0.jpg", "img/1.jpg"], "alt_text": ["a person", "a cat"],
+                             "recaption": ["An astronaut.", "A cat on a couch."]}), cwd / "pairs.parquet")
+    for cls, photo in (("n01", "coffee"), ("n02", "rocket")):
+        (tmp_path / "data" / "imagenet" / "val" / cls).mkdir(parents=True)
+        (tmp_path / "data" / "imagenet" / "val" / cls / "a.png").write_bytes(photo_bytes(photo, "PNG"))
+    for command in commands_of("data"):
+        run(command, cwd, data_root=tmp_path)
+    runs = list((cwd / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "metrics.jsonl").is_file()
+
+
+def test_aot_command(tmp_path):
+    pytest.importorskip("libtpu")
+    (command,) = commands_of("aot")
+    proc = run(command, workspace(tmp_path))
+    report = [json.loads(ln)["aot"] for ln in proc.stdout.splitlines() if ln.startswith('{"aot"')]
+    assert [r["num_devices"] for r in report] == [128]
