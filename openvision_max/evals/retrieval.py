@@ -8,7 +8,8 @@ Ranks are computed on device, one block of queries at a time against all candida
 similarity tile never leaves the device; only one rank per query comes back (no N x M host matrix).
 Rank of a query = the number of wrong candidates scoring at least as high as its best correct one; R@K is
 the fraction of queries with rank < K. Ties count against the model, so a collapsed model (all embeddings
-equal) scores 0, not 1. Image->text: an image is a hit when any of its captions is in the top K.
+equal) scores 0, not 1. Image->text: an image is a hit when any of its captions is in the top K. R@K (K > 1)
+is left out where no query has K wrong candidates, as it would be 1.0 for any model (t2i_r10 on 10 images or fewer).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def _ranks(queries: np.ndarray, candidates: np.ndarray, query_ids: np.ndarray, c
 def recalls(image_emb: np.ndarray, text_emb: np.ndarray, text_image: Sequence[int], ks: Sequence[int] = KS,
             block: int = 1024) -> dict[str, float]:
     """Recall@K both ways. image_emb [N, E], text_emb [M, E] (L2-normalised: similarity is the dot product),
-    text_image int [M]: the image of each text. -> {"i2t_r1": .., "t2i_r1": .., ...}, fractions in [0, 1]."""
+    text_image int [M]: the image of each text. -> {"i2t_r1": .., "t2i_r1": .., ...}, fractions in [0, 1];
+    R@k (k > 1) only where a query can miss its top k (see reported_ks)."""
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
     text_image = np.asarray(text_image, np.int32)
@@ -136,11 +138,20 @@ def recalls(image_emb: np.ndarray, text_emb: np.ndarray, text_image: Sequence[in
     image_ids = np.arange(n, dtype=np.int32)
     i2t = _ranks(image_emb, text_emb, image_ids, text_image, block)
     t2i = _ranks(text_emb, image_emb, text_image, image_ids, block)
+    # The most wrong candidates a query has: an image competes with the captions of the other images, a
+    # caption with the other images.
+    most_wrong = {"i2t": len(text_image) - int(np.bincount(text_image, minlength=n).min()), "t2i": n - 1}
     out = {}
     for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
-        for k in ks:
+        for k in reported_ks(ks, most_wrong[direction]):
             out[f"{direction}_r{k}"] = float(np.mean(ranks < k))
     return out
+
+
+def reported_ks(ks: Sequence[int], most_wrong: int) -> list[int]:
+    """R@1, and R@k where a query can miss its top k: with at most k - 1 wrong candidates per query, R@k is
+    1.0 whatever the model does (as top-5 on fewer than 6 classes), so it is not reported."""
+    return [k for k in ks if k == 1 or k <= most_wrong]
 
 
 # --- End to end ------------------------------------------------------------------------------------------
@@ -154,7 +165,8 @@ def evaluate(encoder: Any, dataset: RetrievalDataset, *, ks: Sequence[int] = KS,
              workers: int = 8) -> dict[str, float]:
     """Recall@K of `encoder` (evals.encoder.Encoder: embed_images uint8, embed_texts, image_size) on
     `dataset`: images decoded with the eval transform (short side to image_size, centre crop) on `workers`
-    threads, embedded a batch at a time. -> {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}."""
+    threads, embedded a batch at a time. -> {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"},
+    less the R@k that cannot be below 1 (t2i_r10 with 10 images or fewer; see reported_ks)."""
     chunk = max(getattr(encoder, "batch_size", 64), 1)
     image_emb = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

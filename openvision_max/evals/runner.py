@@ -7,7 +7,9 @@ hours later at the first eval. Zero-shot class embeddings are cached per checkpo
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import os
 import pathlib
 import time
 from typing import Any, Optional
@@ -49,8 +51,21 @@ def _shipped(entry: dict, key: str) -> list[str] | None:
     return value
 
 
+def _check_path(name: str, path: str) -> None:
+    """A missing path, said as such: without this, a typo reads as a dataset without classes."""
+    if path.startswith(locate.DEMO_SCHEME):
+        return  # the demo resolver names the demo sets there are
+    expanded = os.path.expanduser(path)
+    if any(c in expanded for c in "*?["):  # what glob treats as a pattern
+        if not glob.glob(expanded):
+            raise locate.DataError(f"eval {name}: path pattern {path} matches nothing")
+    elif not os.path.exists(expanded):
+        raise locate.DataError(f"eval {name}: path {path} does not exist")
+
+
 def _zeroshot(cfg: Config, entry: dict) -> _ZeroShot:
     path = entry["path"]
+    _check_path(entry["name"], str(path))
     entry = {**entry, "class_names": _shipped(entry, "class_names"), "templates": _shipped(entry, "templates")}
     names = list(entry.get("class_names") or locate.class_names(path, cfg.data_cache_dir))
     if not names:

@@ -15,9 +15,11 @@ import numpy as np
 
 from openvision_max.data import locate, transforms
 from openvision_max.data.records import Record, RecordError
+from openvision_max.evals import retrieval
 from openvision_max.evals.encoder import Encoder
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+TOP_KS = (1, 5)
 
 
 def class_embeddings(encoder: Encoder, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
@@ -64,19 +66,20 @@ def labelled_batches(shard_paths: Sequence[str], image_size: int, batch_size: in
 def evaluate(encoder: Encoder, shard_paths: Sequence[str], class_names: Sequence[str],
              templates: Sequence[str] = DEFAULT_TEMPLATES, *, max_examples: Optional[int] = None,
              classifier: Optional[np.ndarray] = None) -> dict[str, float]:
-    """{"top1", "top5", "examples"}: accuracies as fractions. `classifier` reuses cached class embeddings."""
+    """{"top1", "top5", "examples"}: accuracies as fractions; "top5" only with more than 5 classes.
+    `classifier` reuses cached class embeddings."""
     if classifier is None:
         classifier = class_embeddings(encoder, class_names, templates)
-    k = min(5, len(class_names))
-    top1 = top5 = n = 0
+    ks = retrieval.reported_ks(TOP_KS, len(class_names) - 1)  # an image's label competes with the others
+    hits, n = dict.fromkeys(ks, 0), 0
     for images, labels in labelled_batches(shard_paths, encoder.image_size, encoder.batch_size, max_examples):
         if labels.max() >= len(class_names):
             raise ValueError(f"label {labels.max()} but only {len(class_names)} class names")
         scores = encoder.embed_images(images) @ classifier.T
-        ranked = np.argsort(-scores, axis=1)[:, :k]
-        top1 += int((ranked[:, 0] == labels).sum())
-        top5 += int((ranked == labels[:, None]).any(axis=1).sum())
+        ranked = np.argsort(-scores, axis=1)[:, :max(ks)]
+        for k in ks:
+            hits[k] += int((ranked[:, :k] == labels[:, None]).any(axis=1).sum())
         n += len(labels)
     if n == 0:
         raise locate.DataError(f"no usable labelled records in {', '.join(shard_paths[:3])}")
-    return {"top1": top1 / n, "top5": top5 / n, "examples": float(n)}
+    return {**{f"top{k}": h / n for k, h in hits.items()}, "examples": float(n)}

@@ -1,15 +1,17 @@
-"""Zero-shot evaluation: the metric on known answers, and eval_only reproducing a run's own figures."""
+"""Zero-shot evaluation: the metric on known answers, eval_only reproducing a run's own figures, eval path errors."""
 
 import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from openvision_max.data.locate import DataError
 from openvision_max.data.records import Record, shard_name
 from openvision_max.evals import zeroshot
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, tiny_config
 from photo_data import png
 
 
@@ -17,7 +19,8 @@ class ColourEncoder:
     """Embeds an image by its mean colour and a prompt by the colour word it names: known answers."""
     image_size = 8
     batch_size = 4
-    COLOURS = {"red": [1, 0, 0], "green": [0, 1, 0], "blue": [0, 0, 1], "white": [1, 1, 1]}
+    COLOURS = {"red": [1, 0, 0], "green": [0, 1, 0], "blue": [0, 0, 1], "white": [1, 1, 1],
+               "yellow": [1, 1, 0], "magenta": [1, 0, 1], "cyan": [0, 1, 1]}
 
     def embed_images(self, images):
         x = images.reshape(len(images), -1, 3).mean(axis=1)
@@ -37,22 +40,40 @@ def solid(colour) -> bytes:
     return buf.getvalue()
 
 
-def test_zeroshot_top1_top5_on_known_answers(tmp_path):
+def write_shard(path, samples, broken=False):
+    """A shard of solid-colour images: samples are (label, colour); `broken` adds an unreadable record."""
     from array_record.python.array_record_module import ArrayRecordWriter
-    classes = ["red", "green", "blue", "white"]
-    # (true label, image colour): 3 right, 1 wrong (a green image labelled blue), plus an unreadable record.
-    samples = [(0, [1, 0, 0]), (1, [0, 1, 0]), (2, [0, 1, 0]), (3, [1, 1, 1])]
-    path = tmp_path / shard_name("val", 0, 1)
     w = ArrayRecordWriter(str(path), "group_size:1")
     for i, (label, colour) in enumerate(samples):
         w.write(Record(f"k{i}", solid(colour), label=label).encode())
-    w.write(Record("broken", b"not an image", label=0).encode())
+    if broken:
+        w.write(Record("broken", b"not an image", label=0).encode())
     w.close()
-    out = zeroshot.evaluate(ColourEncoder(), [str(path)], classes, ["a {} thing.", "a photo of {}."])
-    assert out == {"top1": 0.75, "top5": 1.0, "examples": 4.0}
-    # Top-2 of the green image labelled blue: green first, then (equal) the others; with 2 classes, top5 = top2.
-    out2 = zeroshot.evaluate(ColourEncoder(), [str(path)], classes, ["{}"], max_examples=2)
+    return str(path)
+
+
+def test_zeroshot_top1_on_known_answers(tmp_path):
+    classes = ["red", "green", "blue", "white"]
+    # (true label, image colour): 3 right, 1 wrong (a green image labelled blue), plus an unreadable record.
+    samples = [(0, [1, 0, 0]), (1, [0, 1, 0]), (2, [0, 1, 0]), (3, [1, 1, 1])]
+    path = write_shard(tmp_path / shard_name("val", 0, 1), samples, broken=True)
+    out = zeroshot.evaluate(ColourEncoder(), [path], classes, ["a {} thing.", "a photo of {}."])
+    assert out == {"top1": 0.75, "examples": 4.0}  # 4 classes: no top5, it would be 1.0 for any model
+    out2 = zeroshot.evaluate(ColourEncoder(), [path], classes, ["{}"], max_examples=2)
     assert out2["examples"] == 2.0 and out2["top1"] == 1.0
+
+
+def test_top5_only_with_more_than_5_classes(tmp_path):
+    three = write_shard(tmp_path / "three.array_record", [(0, [1, 0, 0]), (1, [0, 1, 0]), (2, [0, 1, 0])])
+    assert zeroshot.evaluate(ColourEncoder(), [three], ["red", "green", "blue"]) == {"top1": 2 / 3,
+                                                                                     "examples": 3.0}
+    # Seven classes. An orange image [1, .5, 0] ranks yellow, red, white, magenta, green, cyan, blue (no ties):
+    # labelled green it is a top-5 hit only, labelled blue a miss.
+    orange = [1, 0.5, 0]
+    seven = write_shard(tmp_path / "seven.array_record",
+                        [(0, [1, 0, 0]), (1, orange), (2, orange), (3, [1, 1, 1])])
+    classes = ["red", "green", "blue", "white", "yellow", "magenta", "cyan"]
+    assert zeroshot.evaluate(ColourEncoder(), [seven], classes) == {"top1": 0.5, "top5": 0.75, "examples": 4.0}
 
 
 def test_class_embeddings_average_templates_and_renormalise():
@@ -94,11 +115,11 @@ def test_eval_only_reproduces_the_runs_own_zero_shot_figures(tmp_path):
     assert ret.returncode == 0, ret.stderr[-3000:]
     recalls = evals("coco")
     names = [f"eval/coco/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    assert set(names) <= set(recalls)
-    for d in ("i2t", "t2i"):
-        r = [recalls[f"eval/coco/{d}_r{k}"] for k in (1, 5, 10)]
-        assert 0 <= r[0] <= r[1] <= r[2] <= 1
-    assert recalls["eval/coco/i2t_r10"] == 1.0  # 6 images x 2 captions: every image's captions are in a top 10
+    # 6 images: a caption has 5 wrong images, so its R@10 would be 1.0 for any model and is left out.
+    assert set(names) - set(recalls) == {"eval/coco/t2i_r10"}
+    r = [recalls[f"eval/coco/i2t_r{k}"] for k in (1, 5, 10)]
+    assert 0 <= r[0] <= r[1] <= r[2] <= 1
+    assert 0 <= recalls["eval/coco/t2i_r1"] <= recalls["eval/coco/t2i_r5"] <= 1
 
 
 CAPTIONS = {
@@ -128,8 +149,6 @@ def coco_folder(root):
 
 def test_imagenet_names_and_templates_ship_with_the_package(tmp_path):
     from openvision_max.evals.runner import EvalRunner
-
-    from conftest import tiny_config
     (tmp_path / "val").mkdir()
     write = __import__("array_record.python.array_record_module", fromlist=["x"]).ArrayRecordWriter
     w = write(str(tmp_path / "val" / shard_name("val", 0, 1)), "group_size:1")
@@ -140,3 +159,41 @@ def test_imagenet_names_and_templates_ship_with_the_package(tmp_path):
     ev = EvalRunner(cfg).evals[0]
     assert len(ev.class_names) == 1000 and ev.class_names[0] == "tench"
     assert len(ev.templates) == 81 and "{}" in ev.templates
+
+
+def eval_entry(path, extra=""):
+    """The `evals=` override of one zero-shot eval named typo."""
+    return f"evals=[{{name: typo, type: zeroshot, path: '{path}'{extra}}}]"
+
+
+@pytest.mark.parametrize("path, extra, message", [
+    ("nope", "", "eval typo: path {tmp}/nope does not exist"),
+    ("val.array_record", ", class_names: [a, b]", "eval typo: path {tmp}/val.array_record does not exist"),
+    ("val-*.array_record", "", "eval typo: path pattern {tmp}/val-*.array_record matches nothing"),
+])
+def test_a_missing_eval_path_says_so(tmp_path, path, extra, message):
+    from openvision_max.evals.runner import EvalRunner
+    cfg = tiny_config(eval_entry(tmp_path / path, extra))
+    with pytest.raises(DataError) as e:
+        EvalRunner(cfg)
+    assert str(e.value) == message.format(tmp=tmp_path)
+
+
+def test_a_dataset_without_classes_still_asks_for_class_names(tmp_path):
+    from openvision_max.evals.runner import EvalRunner
+    write_shard(tmp_path / shard_name("val", 0, 1), [(0, [1, 0, 0])])  # a shard, no dataset.json
+    with pytest.raises(DataError, match="lists no classes in dataset.json; give class_names"):
+        EvalRunner(tiny_config(eval_entry(tmp_path)))
+
+
+def test_cli_exits_2_with_one_line_on_a_missing_eval_path(tmp_path):
+    """Caught in preflight: no run directory is made and nothing is compiled."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIGS / "demo.yml"),
+                           "dataset_type=synthetic", f"base_output_directory={tmp_path / 'runs'}",
+                           eval_entry(tmp_path / "nope")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [f"train.py: data error: eval typo: path {tmp_path / 'nope'} does not exist"], proc.stderr
+    assert not (tmp_path / "runs").exists()
