@@ -2,19 +2,21 @@
 
 An entry of `train_data` (or an eval's `path`) may be:
 - a dataset directory (the converter's output: `*.array_record` + dataset.json),
-- a shard file, or a glob pattern over shard files (`/data/recap/train-*.array_record`),
+- a shard file, or a pattern over shard files: brace groups (`/data/recap/train-{00000..00099}.array_record`,
+  `{a,b}`: see `patterns.py`) and shell globs (`/data/recap/train-*.array_record`); a pattern that names a
+  dataset directory (`/data/recap-{0..3}`) stands for its shards,
 - `demo:<name>`: a split of the embedded demo data (`demo:shapes_train`, `demo:digits_test`, ...), generated
   into `data_cache_dir` on first use.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import pathlib
 import sys
 from typing import Sequence
 
+from openvision_max.data.patterns import PatternError, match
 from openvision_max.data.records import SHARD_SUFFIX, DatasetInfo
 
 DEMO_SCHEME = "demo:"
@@ -48,19 +50,25 @@ def resolve(entries: Sequence[str], cache_dir: str) -> list[str]:
         raise DataError("no training data: set train_data (dataset directories, shard files or patterns)")
     shards: list[str] = []
     for entry in entries:
-        directory = dataset_directory(entry, cache_dir)
-        if directory is not None:
-            found = sorted(str(p) for p in directory.glob(f"*{SHARD_SUFFIX}"))
-            if not found:
-                raise DataError(f"dataset directory {directory} holds no *{SHARD_SUFFIX} shards")
-        else:
-            found = sorted(glob.glob(os.path.expanduser(entry)))
-            if not found:
-                raise DataError(f"no files match {entry}")
-        shards.extend(found)
+        if entry.startswith(DEMO_SCHEME):
+            shards.extend(_directory_shards(dataset_directory(entry, cache_dir)))
+            continue
+        try:
+            paths = match(os.path.expanduser(entry))
+        except PatternError as e:
+            raise DataError(str(e)) from None
+        for path in paths:
+            shards.extend(_directory_shards(pathlib.Path(path)) if os.path.isdir(path) else [path])
     for path in shards:
         check_readable(path)
     return shards
+
+
+def _directory_shards(directory: pathlib.Path) -> list[str]:
+    found = sorted(str(p) for p in directory.glob(f"*{SHARD_SUFFIX}"))
+    if not found:
+        raise DataError(f"dataset directory {directory} holds no *{SHARD_SUFFIX} shards")
+    return found
 
 
 def check_readable(path: str) -> int:

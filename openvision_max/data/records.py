@@ -16,8 +16,9 @@ skips and counts such records instead of failing a run. A dataset directory hold
 Shards are written with the ArrayRecord options `WRITER_OPTIONS`: group size 1 (one record per chunk, which
 grain's random access needs) and no compression (images are already compressed; zstd would only cost CPU on
 every read). Changes since the first version of this file, all backward compatible: `DatasetInfo` gained the
-optional fields `templates` and `recaption_fallbacks`, and `DatasetInfo.read` ignores keys it does not know,
-so an older reader still opens a newer `dataset.json`.
+optional fields `templates`, `recaption_fallbacks`, `inputs` and `options` (a field missing from an older
+`dataset.json` reads as its default), and `DatasetInfo.read` ignores keys it does not know, so an older reader
+still opens a newer `dataset.json`.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ class DatasetInfo:
     templates: list[str] = dataclasses.field(default_factory=list)
     # Records whose recaption was missing or blank at the source and was replaced by the alt-text.
     recaption_fallbacks: int = 0
+    # What the converter made the set from, so that a conversion of another source into the same directory can
+    # be refused: the resolved input paths (None in a dataset.json from before this field, or not from the
+    # converter) and the options that shape the records (`--prefix`, `--recaption-field`, ...).
+    inputs: Optional[list[str]] = None
+    options: dict = dataclasses.field(default_factory=dict)
 
     def write(self, directory: str | pathlib.Path) -> None:
         path = pathlib.Path(directory) / INFO_FILE

@@ -17,11 +17,11 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from openvision_max.data.records import WRITER_OPTIONS, Record
+from openvision_max.data.records import INFO_FILE, SHARD_SUFFIX, WRITER_OPTIONS, Record
 
 
 @dataclasses.dataclass
@@ -38,6 +38,20 @@ class ShardStats:
 
 def sidecar_path(shard: pathlib.Path) -> pathlib.Path:
     return shard.with_name(shard.name + ".json")
+
+
+def written_files(directory: pathlib.Path, listed: Sequence[str]) -> list[pathlib.Path]:
+    """The files a conversion wrote into `directory`, dataset.json first: the shards `listed` in it and any
+    shard with a sidecar (an unfinished run's), their sidecars, and the partial files of killed runs. A shard
+    without a sidecar that dataset.json does not list was put there by someone else and is not included."""
+    sidecars = directory.glob(f"*{SHARD_SUFFIX}.json")  # see sidecar_path
+    # Plain file names only: a dataset.json listing `../x` must not make the converter delete outside `directory`.
+    listed = [name for name in listed if pathlib.Path(name).name == name]
+    shards = dict.fromkeys([*listed, *(p.name[:-len(".json")] for p in sidecars)])
+    files = [directory / INFO_FILE, directory / f"{INFO_FILE}.tmp"]
+    files += [f for name in shards for f in (directory / name, sidecar_path(directory / name))]
+    files += sorted(directory.glob(f".*{SHARD_SUFFIX}*.partial-*"))
+    return [f for f in files if f.exists()]
 
 
 def source_digest(source: Any) -> str:

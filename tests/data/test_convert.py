@@ -17,7 +17,7 @@ from openvision_max.data import convert
 from openvision_max.data.records import DatasetInfo, Record
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from photo_data import SKIPPED, make_photo_webdataset, photo_bytes  # noqa: E402
+from photo_data import SKIPPED, make_photo_webdataset, photo_bytes, png  # noqa: E402
 
 
 def run(capsys, *argv):
@@ -70,17 +70,22 @@ def test_webdataset_resume(tmp_path, capsys):
         make_photo_webdataset(tmp_path / "in", name=f"part-{i}.tar", key_prefix=f"p{i}-")
     out = tmp_path / "out"
     argv = ["--format", "webdataset", "--input", tmp_path / "in" / "part-*.tar", "--output", out]
-    status, report, _ = run(capsys, *argv, "--workers", "2")  # the process-pool path
+    status, report, err = run(capsys, *argv, "--workers", "2")  # the process-pool path
     total = {"written": 18, "skipped": {k: 3 * v for k, v in SKIPPED.items()}}
-    assert (status, report) == (0, total)
+    assert (status, report, err) == (0, total, "")
     shards = [out / f"data-{i:05d}-of-00003.array_record" for i in range(3)]
     before = {s: (s.stat().st_mtime_ns, digest(s)) for s in shards}
+
+    status, report, err = run(capsys, *argv)  # finished: nothing redone, and it says so
+    assert (status, report, err) == (0, total, "up to date: 3 shards reused\n")
+    assert {s: (s.stat().st_mtime_ns, digest(s)) for s in shards} == before
 
     shards[1].unlink()  # as if the run had died before finishing shard 1
     (out / ".data-00001-of-00003.array_record.partial-999999").write_bytes(b"half a shard")  # a killed run's
     os.utime(shards[0], ns=(1, 1))  # an old mtime makes any rewrite of shard 0 visible
-    status, report, _ = run(capsys, *argv)
+    status, report, err = run(capsys, *argv)
     assert (status, report) == (0, total)  # totals include the shards that were not rewritten
+    assert err == "resumed: 2 shards reused, 1 converted\n"
     assert shards[0].stat().st_mtime_ns == 1 and shards[2].stat().st_mtime_ns == before[shards[2]][0]
     assert digest(shards[1]) == before[shards[1]][1]  # rewritten identically
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
@@ -213,3 +218,109 @@ def test_usage_errors_one_line_exit_2(tmp_path, capsys):
         assert (status, report) == (2, None), argv
         assert err.count("\n") == 1 and named in err, err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, nothing lost
+
+
+def _tiny_tars(directory: pathlib.Path, indices) -> None:
+    """`<i:05d>.tar` holding one tiny sample `k<i>` for each i: many shards, little work."""
+    directory.mkdir()
+    for i in indices:
+        with tarfile.open(directory / f"{i:05d}.tar", "w") as t:
+            for name, payload in [(f"k{i}.png", png(i, (8, 8))), (f"k{i}.txt", b"noise")]:
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                t.addfile(info, io.BytesIO(payload))
+
+
+def test_brace_patterns(tmp_path, capsys):
+    """webdataset / img2dataset shard lists: {00000..00002} ranges (zero padding kept) and {a,b} lists."""
+    _tiny_tars(tmp_path / "in", [0, 1, 2, 10])
+    status, report, _ = run(capsys, "--format", "webdataset", "--input", f"{tmp_path}/in/{{00000..00002}}.tar",
+                            "--output", tmp_path / "range")
+    assert (status, report["written"]) == (0, 3)
+    assert DatasetInfo.read(tmp_path / "range").inputs == [str(tmp_path / "in" / f"0000{i}.tar") for i in range(3)]
+    status, report, _ = run(capsys, "--format", "webdataset", "--input", f"{tmp_path}/in/000{{10,00}}.tar",
+                            "--output", tmp_path / "list")
+    assert (status, report["written"]) == (0, 2)
+    assert [r.key for r in read_dataset(tmp_path / "list")[1]] == ["k10", "k0"]  # in the order given
+    out = tmp_path / "bad"
+    for pattern, named in [("{00000..00003}", "{00000..00003}.tar names 4 paths and 1 of them match no file"),
+                           ("{00003..00009}", "no files match"), ("{2..0}", "bad brace range {2..0}"),
+                           ("{0..}", "bad brace range {0..}")]:
+        status, report, err = run(capsys, "--format", "webdataset", "--input", f"{tmp_path}/in/{pattern}.tar",
+                                  "--output", out)
+        assert (status, report) == (2, None)
+        assert err.count("\n") == 1 and named in err, err
+    assert not out.exists()  # refused before anything was made
+
+
+def _files(directory: pathlib.Path) -> dict[str, tuple[int, str]]:
+    return {p.name: (p.stat().st_mtime_ns, digest(p)) for p in sorted(directory.iterdir())}
+
+
+def test_another_source_is_refused_without_overwrite(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        make_photo_webdataset(tmp_path / name, name="part-0.tar", key_prefix=f"{name}-")
+    make_photo_webdataset(tmp_path / "a", name="part-1.tar", key_prefix="a1-")
+    out = tmp_path / "out"
+    a = ["--format", "webdataset", "--input", tmp_path / "a" / "part-*.tar", "--output", out]
+    assert run(capsys, *a)[0] == 0
+    (out / "notes.txt").write_text("the user's own file")
+    before = _files(out)
+
+    (tmp_path / "t.csv").write_text("image,alt_text,recaption\n")
+    other_sources = [
+        (["--format", "webdataset", "--input", tmp_path / "b" / "part-0.tar", "--output", out],
+         f"{tmp_path / 'b' / 'part-0.tar'} is not among its 2 inputs"),
+        (["--format", "webdataset", "--input", tmp_path / "a" / "part-0.tar", "--output", out],
+         f"its 2 inputs include {tmp_path / 'a' / 'part-1.tar'}, not given now"),
+        ([*a, "--recaption-field", "llava"], '--recaption-field "re_caption", now "llava"'),
+        ([*a, "--prefix", "recap"], '--prefix "data", now "recap"'),
+        (["--format", "table", "--input", tmp_path / "t.csv", "--output", out], "format webdataset, now table"),
+    ]
+    for argv, difference in other_sources:
+        status, report, err = run(capsys, *argv)
+        assert (status, report) == (2, None), argv
+        assert err == (f"python -m openvision_max.data.convert: error: {out} already holds a dataset converted "
+                       f"from another source ({difference}); pass --overwrite to replace it\n")
+        assert _files(out) == before  # nothing touched
+
+    status, report, err = run(capsys, *other_sources[0][0], "--overwrite")
+    assert (status, report, err) == (0, {"written": 6, "skipped": SKIPPED}, "")  # no warning of foreign shards
+    assert sorted(p.name for p in out.iterdir()) == ["data-00000-of-00001.array_record",
+                                                      "data-00000-of-00001.array_record.json", "dataset.json",
+                                                      "notes.txt"]  # the old shards went, the user's file stayed
+    info, records = read_dataset(out)
+    assert info.inputs == [str(tmp_path / "b" / "part-0.tar")] and records[0].key.startswith("b-")
+
+
+def test_dataset_json_without_inputs_still_compares(tmp_path, capsys):
+    """A dataset.json from before `inputs`/`options` were recorded: compared by format and shard names."""
+    make_photo_webdataset(tmp_path, name="a.tar")
+    make_photo_webdataset(tmp_path, name="b.tar")
+    out = tmp_path / "out"
+    assert run(capsys, "--format", "webdataset", "--input", tmp_path / "a.tar", "--output", out)[0] == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    del meta["inputs"], meta["options"]
+    (out / "dataset.json").write_text(json.dumps(meta))
+    assert DatasetInfo.read(out).inputs is None
+    status, _, err = run(capsys, "--format", "webdataset", "--input", tmp_path / "a.tar", "--output", out)
+    assert (status, err) == (0, "up to date: 1 shard reused\n")
+    (out / "dataset.json").write_text(json.dumps(meta))
+    status, _, err = run(capsys, "--format", "webdataset", "--input", tmp_path / "*.tar", "--output", out)
+    assert status == 2
+    assert "(1 shards from data-00000-of-00001.array_record, now 2 shards from data-00000-of-00002" in err
+
+
+def test_progress_off_a_terminal_is_bounded_and_ends_once(tmp_path):
+    """stderr captured (not a tty): tqdm's lines are bounded, and the final state appears exactly once."""
+    _tiny_tars(tmp_path / "in", range(45))
+    proc = subprocess.run([sys.executable, "-m", "openvision_max.data.convert", "--format", "webdataset",
+                           "--input", str(tmp_path / "in" / "*.tar"), "--output", str(tmp_path / "out"),
+                           "--workers", "1"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"written": 45, "skipped": {}}
+    lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    assert [ln for ln in lines if "45/45" in ln] == [lines[-1]]  # once, and last
+    assert "written=45" in lines[-1]
+    assert len(lines) <= convert.LOG_PROGRESS_LINES + 1, lines  # the start, every 5 %, the end
