@@ -152,7 +152,8 @@ def _apply_override(overrides: dict, arg: str) -> None:
 
 # Keys a stage may hold besides config overrides; and keys that only make sense for the whole run.
 _STAGE_KEYS = ("name", "samples", "warmup_samples")
-_RUN_KEYS = ("stages", "stage", "run_name", "base_output_directory")
+_RUN_KEYS = ("stages", "stage", "run_name", "base_output_directory", "coordinator_address", "num_processes",
+             "process_id", "jax_distributed_initialization_timeout", "skip_jax_distributed_system")
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -304,13 +305,38 @@ def _absolute_paths(cfg: Config) -> Config:
                                train_data=[_absolute(t) for t in cfg.train_data], evals=evals)
 
 
-def _target(cfg: Config) -> tuple[str, int]:
-    """The platform and device count the run compiles for."""
+def _target(cfg: Config) -> tuple[str, int, int]:
+    """The platform, device count and number of slices the run compiles for."""
     if cfg.compile_topology:
         from openvision_max.config import topology  # imports libtpu only when asked for
-        return "tpu", topology.device_count(cfg.compile_topology, cfg.compile_topology_num_slices)
+        slices = cfg.compile_topology_num_slices
+        return "tpu", topology.device_count(cfg.compile_topology, slices), slices
     import jax
-    return jax.default_backend(), jax.device_count()
+    devices = jax.devices()
+    # TPU devices of a multi-slice job carry their slice; other platforms are one slice.
+    return jax.default_backend(), len(devices), len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _read(argv: list[str]) -> tuple[dict, dict, dict]:
+    """(the config files merged, the command line's overrides, both merged) of `argv`."""
+    if not argv:
+        raise ConfigError("usage: CONFIG.yml [key=value ...]")
+    files = _read_chain(pathlib.Path(argv[0]))
+    cli: dict = {}
+    for arg in argv[1:]:
+        _apply_override(cli, arg)
+    return files, cli, _merge(files, cli)
+
+
+def default_run_name() -> str:
+    """The run name when none is given: this host's clock (several processes agree on process 0's)."""
+    return datetime.datetime.now().strftime("run_%Y%m%d_%H%M%S")
+
+
+def read_run_keys(argv: list[str]) -> Config:
+    """The run-wide keys of `argv`, type-checked but not resolved against any devices: what a process needs
+    before JAX starts (the distributed start-up keys, and whether `run_name` was given: "" if not)."""
+    return _build(Config, {"run_name": "", **_read(argv)[2]})
 
 
 def load_stages(argv: list[str], *, platform: str | None = None, num_devices: int | None = None) -> list[Config]:
@@ -320,15 +346,9 @@ def load_stages(argv: list[str], *, platform: str | None = None, num_devices: in
     stage's overrides, then the command line; `stage=NAME` keeps that stage only. Every stage is validated
     here, so a mistake in the last stage fails before the first one starts.
     """
-    if not argv:
-        raise ConfigError("usage: CONFIG.yml [key=value ...]")
-    files = _read_chain(pathlib.Path(argv[0]))
-    cli: dict = {}
-    for arg in argv[1:]:
-        _apply_override(cli, arg)
-    merged = _merge(files, cli)
+    files, cli, merged = _read(argv)
     if not merged.get("run_name"):
-        merged["run_name"] = cli["run_name"] = datetime.datetime.now().strftime("run_%Y%m%d_%H%M%S")
+        merged["run_name"] = cli["run_name"] = default_run_name()
     top = _build(Config, merged)
     raw_stages = [_stage_raw(files, cli, entry, i) for i, entry in enumerate(top.stages)] or [("main", merged)]
     names = [name for name, _ in raw_stages]
@@ -336,15 +356,16 @@ def load_stages(argv: list[str], *, platform: str | None = None, num_devices: in
         raise ConfigError(f"stage names must be unique, got {names}")
     if top.stage and top.stage not in names:
         raise ConfigError(f"stage={top.stage!r} is not a stage of this config; stages: {', '.join(names)}")
+    num_slices = None  # a caller that names the devices (a test) leaves the slices to the DCN axes
     if platform is None or num_devices is None:
-        target_platform, target_devices = _target(top)
+        target_platform, target_devices, num_slices = _target(top)
         platform = platform or target_platform
         num_devices = num_devices or target_devices
     configs = []
     for index, (name, raw) in enumerate(raw_stages):
         try:
             cfg = finalize(_absolute_paths(_build(Config, raw)), platform=platform, num_devices=num_devices,
-                           stage_name=name, stage_index=index)
+                           num_slices=num_slices, stage_name=name, stage_index=index)
         except ConfigError as e:
             raise ConfigError(f"{e} (stage {name!r})" if len(raw_stages) > 1 else str(e)) from None
         configs.append(cfg)

@@ -148,6 +148,12 @@ class Config:
     dcn_fsdp_parallelism: int
     dcn_tensor_parallelism: int
     logical_axis_rules: list[tuple[str, Optional[Union[str, list[str]]]]]
+    # Several processes (jax.distributed).
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+    jax_distributed_initialization_timeout: int
+    skip_jax_distributed_system: bool
     # Ahead-of-time compilation for a TPU topology from this host.
     compile_topology: str
     compile_topology_num_slices: int
@@ -170,9 +176,9 @@ def _fill_mesh(shape: tuple[int, ...], total: int, kind: str) -> tuple[int, ...]
                 f"the {total} devices available")
         shape = tuple(total // known if s == -1 else s for s in shape)
     if math.prod(shape) != total:
-        raise ConfigError(
-            f"{kind} parallelism {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices but "
-            f"{total} are available")
+        used = f"{kind} parallelism {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)}"
+        raise ConfigError(f"{used} slices but the job has {total}" if kind == "dcn" else
+                          f"{used} devices but {total} are available")
     return shape
 
 
@@ -294,18 +300,22 @@ def _check_rules(cfg: Config) -> None:
                     f"({', '.join(MESH_AXES)})")
 
 
-def finalize(cfg: Config, *, platform: str, num_devices: int, stage_name: str = "main",
-             stage_index: int = 0) -> Config:
-    """Checks combinations of keys and returns `cfg` with `derived` filled in."""
+def finalize(cfg: Config, *, platform: str, num_devices: int, num_slices: Optional[int] = None,
+             stage_name: str = "main", stage_index: int = 0) -> Config:
+    """Checks combinations of keys and returns `cfg` with `derived` filled in. `num_slices` is the job's
+    slice count found at run time (the DCN axes must use exactly that many; a -1 takes them all); None
+    leaves it to the DCN axes (or to compile_topology_num_slices)."""
     _check_model(cfg)
     _check_rules(cfg)
     _check_data(cfg)
     _check_loss(cfg)
     _check_backend(cfg, platform)
-    slices = cfg.compile_topology_num_slices if cfg.compile_topology else None
     dcn = (cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism, cfg.dcn_tensor_parallelism)
     ici = (cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism, cfg.ici_tensor_parallelism)
-    num_slices = slices or max(1, math.prod(s for s in dcn if s > 0))
+    if cfg.compile_topology:
+        num_slices = cfg.compile_topology_num_slices
+    elif num_slices is None:
+        num_slices = max(1, math.prod(s for s in dcn if s > 0))
     if num_devices % num_slices:
         raise ConfigError(f"{num_devices} devices cannot be split into {num_slices} slices")
     dcn = _fill_mesh(dcn, num_slices, "dcn")

@@ -2,7 +2,8 @@
 
 Batches are padded to a fixed size so one compiled program serves every call (no recompiles for the last,
 short batch). With a mesh, inputs are split over the batch axes and the (already sharded) parameters are
-used where they live.
+used where they live. Every process passes the same host arrays (each host reads the whole eval set) and
+places only the shards its devices hold; embeddings come back replicated, so every process has all of them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from openvision_max.config.schema import Config
 from openvision_max.data.tokenizer import Tokenizer
@@ -32,7 +33,8 @@ class Encoder:
         devices = mesh.devices.size if mesh is not None else 1
         self.batch_size = -(-batch_size // devices) * devices  # a multiple of the devices the batch splits over
         model = openvision.build(cfg)
-        shard = {} if mesh is None else {"in_shardings": (None, batch_sharding(mesh))}
+        shard = {} if mesh is None else {"in_shardings": (None, batch_sharding(mesh)),
+                                         "out_shardings": NamedSharding(mesh, PartitionSpec())}
         self._images = jax.jit(lambda p, x: model.apply({"params": p}, normalize_images(x),
                                                         method=model.encode_image), **shard)
         self._ids = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_text), **shard)
@@ -48,8 +50,10 @@ class Encoder:
             if self.mesh is None:
                 emb = fn(self.params, chunk)
             else:
+                # A global array from the host copy: each process supplies the shards of its own devices.
+                batch = jax.make_array_from_callback(chunk.shape, batch_sharding(self.mesh), lambda i: chunk[i])
                 with activate(self.cfg, self.mesh):
-                    emb = fn(self.params, chunk)
+                    emb = fn(self.params, batch)
             out.append(np.asarray(jax.device_get(emb))[:self.batch_size - pad])
         if not out:
             return np.zeros((0, self.cfg.embed_dim), np.float32)

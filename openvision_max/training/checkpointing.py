@@ -59,10 +59,9 @@ def _manager(directory: epath.Path, *, read_only: bool, max_to_keep: int | None 
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         read_only=read_only, create=not read_only, enable_async_checkpointing=True,
-        # Every `period` steps, and at the step all hosts agree on after a preemption notice (JAX's preemption
-        # service; multi-host only). Orbax's default would also save at the first step of every fresh run.
-        save_decision_policy=policies.AnySavePolicy(
-            [policies.FixedIntervalPolicy(period), policies.PreemptionCheckpointingPolicy()]),
+        # Every `period` steps (Orbax's default would also save at the first step of every fresh run). The
+        # step all hosts agree on after a preemption notice is PreemptionGuard's to find: that save is forced.
+        save_decision_policy=policies.FixedIntervalPolicy(period),
         preservation_policy=None if read_only else policies.LatestN(max_to_keep),
         cleanup_tmp_directories=not read_only)  # what saves killed mid-write left behind
     return ocp.CheckpointManager(
@@ -110,12 +109,16 @@ class Checkpointer:
         """The newest checkpoint's step: at start-up, of complete checkpoints only (None if there are none)."""
         return self._manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `maybe_save` would save at `step` without `force` (every `period` steps); no collective."""
+        return self._manager.should_save(step)
+
     def maybe_save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
         """Starts saving `state` and the JSON-able `meta` as checkpoint `step` if it is due (every `period`
-        steps, at a multi-host preemption sync point, or `force`); returns whether a save started.
+        steps, or `force`: the end of a stage, a preemption); returns whether a save started.
 
         Blocks only to copy the arrays to host memory and, if the previous save is still being written, to finish
-        it. Call it at every step on every host: the save is collective, and so is the preemption check.
+        it. Call it on every host for the same steps: the save is collective.
         """
         if force and step in self._manager.all_steps():
             return False  # already saved (say by the periodic save of the last step)

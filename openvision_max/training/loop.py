@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import json
 import time
 from typing import Any
 
@@ -13,10 +13,11 @@ from openvision_max import data as data_lib
 from openvision_max import models
 from openvision_max.config.schema import Config
 from openvision_max.evals.runner import EvalRunner
+from openvision_max.mesh import distributed
 from openvision_max.mesh.sharding import activate, create_mesh
 from openvision_max.models import flops
 from openvision_max.training import checkpointing, optimizer
-from openvision_max.training.metrics import MetricsWriter, Progress
+from openvision_max.training.metrics import MetricsWriter, Progress, say
 from openvision_max.training.step import TrainState, abstract_state, create_state, jit_train_step, state_from_params
 
 
@@ -57,13 +58,28 @@ def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointe
     if resume is not None:
         state, meta = ckpt.restore(resume.step, abstract)
         _say_if_schedule_changed(cfg, meta.get("schedule"), int(state.step))
-        return state, meta["data"]
+        return state, _own_data_state(meta, resume.step)
     if params is None and params_path:
         params = checkpointing.load_parameters(params_path, abstract.params)
     if params is None:
         return create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed)), None
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     return state_from_params(tx, state_sh, params), None
+
+
+def _own_data_state(meta: dict, step: int) -> dict | None:
+    """This process's data iterator state in a checkpoint's meta (each process saved its own)."""
+    by_process = meta.get("data_by_process")
+    if by_process is None:  # written before states were kept per process: one process's
+        if jax.process_count() > 1:
+            raise checkpointing.CheckpointError(f"checkpoint {step} holds one data iterator state; this run has "
+                                                f"{jax.process_count()} processes")
+        return meta["data"]
+    if len(by_process) != jax.process_count():
+        raise checkpointing.CheckpointError(
+            f"checkpoint {step} holds the data iterator states of {len(by_process)} processes, this run has "
+            f"{jax.process_count()}: resume with {len(by_process)} (each host resumes its own position)")
+    return json.loads(by_process[jax.process_index()])
 
 
 def schedule_of(cfg: Config) -> dict[str, float]:
@@ -83,9 +99,9 @@ def _say_if_schedule_changed(cfg: Config, saved: dict | None, step: int) -> None
                                                              peak_learning_rate=saved["peak_learning_rate"]))
     lr_then = float(optimizer.learning_rate_schedule(before)(step))
     lr_now = float(optimizer.learning_rate_schedule(cfg)(step))
-    print(f"warning: the learning-rate schedule changed at resume ({changes}): at step {step + 1} of stage "
-          f"{cfg.derived.stage_name} the learning rate is {lr_now:.4g}, the run as it began would have used "
-          f"{lr_then:.4g}", flush=True)
+    say(f"warning: the learning-rate schedule changed at resume ({changes}): at step {step + 1} of stage "
+        f"{cfg.derived.stage_name} the learning rate is {lr_now:.4g}, the run as it began would have used "
+        f"{lr_then:.4g}")
 
 
 def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointing.PreemptionGuard,
@@ -96,12 +112,12 @@ def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointin
     # Data and eval sets are opened before any compilation: a bad path fails in seconds.
     data = data_lib.create_iterator(cfg, mesh)
     evals = EvalRunner(cfg)
-    print(f"stage {name}: {cfg.steps} steps of {cfg.global_batch_size} at {cfg.image_size}px, "
-          f"mesh {dict(mesh.shape)}; loss = {cfg.contrastive_weight:g} x contrastive_loss + "
-          f"{cfg.caption_weight:g} x caption_loss", flush=True)
+    say(f"stage {name}: {cfg.steps} steps of {cfg.global_batch_size} at {cfg.image_size}px, "
+        f"mesh {dict(mesh.shape)}; loss = {cfg.contrastive_weight:g} x contrastive_loss + "
+        f"{cfg.caption_weight:g} x caption_loss")
     if cfg.warmup_steps >= cfg.steps:
-        print(f"warning: warmup_steps={cfg.warmup_steps} >= steps={cfg.steps} (stage {name}): the learning rate "
-              "rises for the whole stage and never decays", flush=True)
+        say(f"warning: warmup_steps={cfg.warmup_steps} >= steps={cfg.steps} (stage {name}): the learning rate "
+            "rises for the whole stage and never decays")
     try:
         with activate(cfg, mesh):
             return _steps(cfg, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
@@ -125,16 +141,18 @@ def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, 
         if pending is not None:
             _log(cfg, writer, timer, *pending, data.metrics())
         pending = (step, metrics) if step % cfg.log_period == 0 or step in (start + 1, cfg.steps) else None
-        meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
-                "seed": cfg.seed, "schedule": schedule_of(cfg), "data": data.get_state()}
-        if guard.preempted(offset + step):
-            ckpt.maybe_save(offset + step, state, meta, force=True)
+        preempted = guard.preempted(offset + step)  # the same answer on every process
+        if preempted or step == cfg.steps or ckpt.due(offset + step):
+            # Every process's iterator state, gathered only when saving (a collective, and host work).
+            meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
+                    "seed": cfg.seed, "schedule": schedule_of(cfg),
+                    "data_by_process": distributed.gather(json.dumps(data.get_state()))}
+            # Asynchronous: returns once the arrays are copied to host; the loop goes on stepping.
+            ckpt.maybe_save(offset + step, state, meta, force=preempted or step == cfg.steps)
+        if preempted:
             ckpt.wait()
-            print(f"preempted: saved checkpoint at step {offset + step} (stage {name}, step {step}); "
-                  "exiting", flush=True)
+            say(f"preempted: saved checkpoint at step {offset + step} (stage {name}, step {step}); exiting")
             return StageResult(params=None, preempted=True)
-        # Asynchronous: returns once the arrays are copied to host; the loop goes on stepping.
-        ckpt.maybe_save(offset + step, state, meta, force=step == cfg.steps)
         if evals and (step == cfg.steps or (cfg.eval_period and step % cfg.eval_period == 0)):
             if pending is not None:
                 _log(cfg, writer, timer, *pending, data.metrics())
@@ -148,7 +166,7 @@ def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, 
 
 def _log(cfg: Config, writer: MetricsWriter, timer: StepTimer, step: int, metrics,
          data_metrics: dict[str, float]) -> None:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()} | data_metrics
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()} | distributed.sum_over_processes(data_metrics)
     throughput = timer.measure(step)
     progress = Progress(step, cfg.steps, (cfg.steps - step) * throughput["step_time_s"])
     writer.write(cfg.derived.step_offset + step, cfg.derived.stage_name, {**values, **throughput}, progress)

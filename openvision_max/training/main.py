@@ -8,7 +8,6 @@ right stage. Each stage starts from the previous stage's parameters with a fresh
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import sys
 from typing import Any
 
@@ -17,26 +16,29 @@ import yaml
 from etils import epath
 
 from openvision_max import models
-from openvision_max.config import cli_config, config_to_dict
+from openvision_max.config import ConfigError, cli_config, config_to_dict
+from openvision_max.config.loading import default_run_name, read_run_keys
 from openvision_max.config.schema import Config
 from openvision_max.data.locate import DataError, resolve
 from openvision_max.evals.runner import EvalRunner
-from openvision_max.mesh import peak_flops
+from openvision_max.mesh import distributed, peak_flops
 from openvision_max.mesh.sharding import activate, create_mesh
 from openvision_max.training import checkpointing, optimizer
 from openvision_max.training.loop import StageResult, TrainingStopped, run_stage
-from openvision_max.training.metrics import MetricsWriter
+from openvision_max.training.metrics import MetricsWriter, is_writer, say
 from openvision_max.training.step import abstract_state
 
 
-def run_directory(stages: list[Config]) -> pathlib.Path:
+def run_directory(stages: list[Config]) -> epath.Path:
+    """`<base_output_directory>/<run_name>`, a local path or gs://; process 0 writes the resolved config.yml."""
     cfg = stages[0]
-    # Absolute: orbax refuses relative checkpoint paths, and the printed path must work from anywhere.
-    run_dir = (pathlib.Path(cfg.base_output_directory).expanduser() / cfg.run_name).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = config_to_dict(cfg) if len(stages) == 1 else {
-        "stages_resolved": [config_to_dict(c) for c in stages]}
-    (run_dir / "config.yml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    # The config made local paths absolute (orbax refuses relative ones; the printed path works from anywhere).
+    run_dir = epath.Path(cfg.base_output_directory) / cfg.run_name
+    if is_writer():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = config_to_dict(cfg) if len(stages) == 1 else {
+            "stages_resolved": [config_to_dict(c) for c in stages]}
+        (run_dir / "config.yml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     return run_dir
 
 
@@ -66,7 +68,7 @@ def preflight(stages: list[Config]) -> None:
         EvalRunner(cfg)
 
 
-def evaluate_only(cfg: Config) -> pathlib.Path:
+def evaluate_only(cfg: Config) -> epath.Path:
     """`eval_only=true`: the configured evals on `load_parameters_path`, written to the run's metrics."""
     if not cfg.load_parameters_path:
         raise checkpointing.CheckpointError("eval_only=true needs load_parameters_path (a run directory or a "
@@ -74,7 +76,7 @@ def evaluate_only(cfg: Config) -> pathlib.Path:
     preflight([cfg])
     runner = EvalRunner(cfg)
     run_dir = run_directory([cfg])
-    print(f"run directory: {run_dir}", flush=True)
+    say(f"run directory: {run_dir}")
     mesh = create_mesh(cfg)
     with activate(cfg, mesh):
         abstract = abstract_state(models.build(cfg), optimizer.build(cfg), cfg, mesh)
@@ -88,28 +90,29 @@ def evaluate_only(cfg: Config) -> pathlib.Path:
     return run_dir
 
 
-def train(stages: list[Config]) -> pathlib.Path:
+def train(stages: list[Config]) -> epath.Path:
     first = stages[0]
     preflight(stages)
     run_dir = run_directory(stages)
-    print(f"run directory: {run_dir}", flush=True)
+    say(f"run directory: {run_dir}")
     peak, peak_source = peak_flops.peak_flops_per_device(first.dtype)
-    print(f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source}); {jax.device_count()} devices", flush=True)
+    say(f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source}); {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es)")
     writer = MetricsWriter(run_dir)
     ckpt = checkpointing.Checkpointer(run_dir / "checkpoints", max_to_keep=first.max_checkpoints_to_keep,
                                       period=first.checkpoint_period)
     guard = checkpointing.PreemptionGuard()
     resume = find_resume(ckpt)
     if resume:
-        print(f"resuming from checkpoint step {resume.step} (stage {resume.stage_index}, "
-              f"step {resume.stage_step} of it)", flush=True)
+        say(f"resuming from checkpoint step {resume.step} (stage {resume.stage_index}, "
+            f"step {resume.stage_step} of it)")
     params: Any = None  # the previous stage's parameters
     try:
         for cfg in stages:
             stage_resume = resume if resume and resume.stage_index == cfg.derived.stage_index else None
             if resume and (cfg.derived.stage_index < resume.stage_index
                            or (stage_resume and stage_resume.stage_step >= cfg.steps)):
-                print(f"stage {cfg.derived.stage_name}: already complete", flush=True)
+                say(f"stage {cfg.derived.stage_name}: already complete")
                 continue
             # A stage starts from the previous stage's parameters: in memory, or in the checkpoint that
             # finished it when the run restarted in between; the first stage from load_parameters_path.
@@ -128,16 +131,37 @@ def train(stages: list[Config]) -> pathlib.Path:
     return run_dir
 
 
-def print_summary(run_dir: pathlib.Path, evals: dict[str, float]) -> None:
+def print_summary(run_dir: epath.Path, evals: dict[str, float]) -> None:
     """The last line a user reads: where the run is and its latest eval figures (top-1 and R@1 first)."""
-    print(f"run directory: {run_dir}", flush=True)
+    say(f"run directory: {run_dir}")
     headline = [k for k in evals if k.endswith(("/top1", "_r1"))]
     for key in headline + sorted(k for k in evals if k not in headline and not k.endswith(("/seconds",
                                                                                           "/examples"))):
-        print(f"{key}: {evals[key]:.4f}", flush=True)
+        say(f"{key}: {evals[key]:.4f}")
+
+
+def start_processes(argv: list[str]) -> list[str]:
+    """Joins the other processes of the job, if any, before the config is resolved against the devices;
+    returns `argv` with the run name every process agrees on (process 0's) when none was given."""
+    try:
+        keys = read_run_keys(argv)
+    except ConfigError:
+        return argv  # cli_config reports it, the same way for one process and for many
+    if keys.compile_topology:
+        return argv  # AOT compilation runs in one process
+    try:
+        distributed.initialize(keys)
+    except distributed.DistributedError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not keys.run_name and jax.process_count() > 1:
+        argv = [*argv, f"run_name={distributed.agree(default_run_name())}"]
+    return argv
 
 
 def main(argv: list[str]) -> None:
+    if argv and argv[0] not in ("-h", "--help"):
+        argv = start_processes(argv)
     stages = cli_config(argv, "train.py")
     if stages[0].compile_topology:
         from openvision_max.training import aot  # needs libtpu

@@ -1,4 +1,8 @@
-"""Metric lines: one printed line and one JSON object in `<run_dir>/metrics.jsonl` per log period."""
+"""Metric lines: one printed line and one JSON object in `<run_dir>/metrics.jsonl` per log period.
+
+With several processes, process 0 is the one writer: it prints, writes metrics.jsonl and TensorBoard; the
+others compute the same figures (the metrics are global) and keep quiet.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,18 @@ class Progress:
         return f"{self.stage_step}/{self.stage_steps}, eta {clock}"
 
 
+def is_writer() -> bool:
+    """Whether this process writes the run's files and prints its lines (process 0)."""
+    import jax
+    return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+    """Prints a line of the run's log, once for the whole job (from process 0)."""
+    if is_writer():
+        print(message, flush=True)
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
@@ -36,18 +52,24 @@ class MetricsWriter:
     """Appends to metrics.jsonl, prints a line, and writes TensorBoard scalars under <run_dir>/tensorboard."""
 
     def __init__(self, run_dir: pathlib.Path):
-        from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
         self.path = run_dir / "metrics.jsonl"
         self.last_evals: dict[str, float] = {}  # the latest value of every eval/<name>/<metric>
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)
+        self.enabled = is_writer()
+        self.tensorboard = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)
 
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def write(self, step: int, stage: str, values: dict[str, Any], progress: Optional[Progress] = None) -> None:
         record = {"step": step, "stage": stage, **{k: (float(v) if not isinstance(v, str) else v)
                                                     for k, v in values.items()}}
         self.last_evals.update({k: v for k, v in record.items() if k.startswith("eval/")})
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():
