@@ -1,1 +1,2 @@
-"""Launchers: the local multi-process cluster and the GKE TPU node-pool launcher land here (none yet)."""
+"""Launchers: `python -m openvision_max.launch local` (N processes on this machine, `local_cluster.py`);
+the GKE TPU node-pool launcher lands here too. Nothing here imports JAX: the launcher's process stays light."""
