@@ -96,3 +96,27 @@ def png(seed: int, size=(40, 30)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def write_dataset(directory: pathlib.Path, n: int = 24, shards: int = 3, bad: bool = False) -> list[str]:
+    """`n` noise PNGs with numbered captions as `shards` ArrayRecord shards (plus, with `bad`, three records
+    the pipeline must skip: an undecodable image, an empty alt-text, non-UTF-8 text); returns the keys in
+    shard order."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from openvision_max.data.records import Record, shard_name
+    directory.mkdir(parents=True, exist_ok=True)
+    records = [Record(key=f"k{i:03d}", image=png(i), alt_text=f"a picture number {i}".encode(),
+                      recaption=f"A noisy picture. It has number {i}! The end.".encode()) for i in range(n)]
+    if bad:
+        records += [Record("k-bad-image", b"not an image", b"alt", b"re"),
+                    Record("k-empty", png(1), b"   ", b"re"),
+                    Record("k-utf8", png(2), b"\xff\xfe bad", b"re")]
+    keys = []
+    for s in range(shards):
+        w = ArrayRecordWriter(str(directory / shard_name("train", s, shards)), "group_size:1")
+        for r in records[s::shards]:
+            w.write(r.encode())
+            keys.append(r.key)
+        w.close()
+    return keys

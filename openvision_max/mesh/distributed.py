@@ -18,6 +18,10 @@ from __future__ import annotations
 import collections
 import json
 import os
+import socket
+import sys
+import threading
+import time
 
 import numpy as np
 
@@ -75,20 +79,47 @@ def initialize(cfg: Config) -> None:
     if explicit is None and not on_tpu_pod():
         return
     timeout = cfg.jax_distributed_initialization_timeout
+    if explicit is None:
+        jax.distributed.initialize(initialization_timeout=timeout)
+        return
+    address, count, index = explicit
+    if index != 0:
+        _wait_for(address, timeout)
+    # JAX ends a process whose peers do not all join in time (a C++ fatal error, not an exception): say why
+    # first, in one line.
+    warning = threading.Timer(max(timeout - 1.0, 0.5), lambda: print(
+        f"train.py: not all num_processes={count} processes joined coordinator {address} within "
+        f"jax_distributed_initialization_timeout={timeout} s; JAX stops this process", file=sys.stderr,
+        flush=True))
+    warning.daemon = True
+    warning.start()
     try:
-        if explicit is None:
-            jax.distributed.initialize(initialization_timeout=timeout)
-            return
-        address, count, index = explicit
         # CPU devices of different processes talk through gloo; the setting is ignored by GPU and TPU clients.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
                                    initialization_timeout=timeout)
-    except Exception as e:  # XlaRuntimeError / RuntimeError / ValueError, with multi-line gRPC messages
-        where = f"coordinator {explicit[0]}" if explicit else "the TPU pod's coordinator"
-        first = " ".join(str(e).split())[:300]
-        raise DistributedError(f"could not join {where} within jax_distributed_initialization_timeout="
-                               f"{timeout} s: {first}") from None
+    except Exception as e:  # e.g. a malformed address: XlaRuntimeError / ValueError with gRPC detail
+        raise DistributedError(f"could not join coordinator {address}: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        warning.cancel()
+
+
+def _wait_for(address: str, timeout: float) -> None:
+    """Returns once something accepts connections at `address`; DistributedError after `timeout` seconds.
+    A process that is not the coordinator checks first: JAX would end it with a fatal error instead."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise DistributedError(
+                    f"no coordinator answered at {address} within jax_distributed_initialization_timeout="
+                    f"{timeout:g} s ({reason}); is process 0 running there?") from None
+            time.sleep(0.5)
 
 
 def agree(text: str) -> str:

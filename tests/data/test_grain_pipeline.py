@@ -1,7 +1,6 @@
 """The grain input pipeline: formats, determinism across restarts and hosts, bad records."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -9,32 +8,12 @@ import numpy as np
 import pytest
 
 from openvision_max.data import tokenizer as tk
-from openvision_max.data.records import Record, shard_name
 
 from conftest import ROOT, tiny_config
-from photo_data import png
+from photo_data import write_dataset
 
 N_RECORDS = 24
 BAD = {"k-bad-image": "undecodable_image", "k-empty": "empty_caption", "k-utf8": "non_utf8_text"}
-
-
-def write_dataset(directory: pathlib.Path, n: int = N_RECORDS, shards: int = 3, bad: bool = False) -> list[str]:
-    from array_record.python.array_record_module import ArrayRecordWriter
-    directory.mkdir(parents=True, exist_ok=True)
-    records = [Record(key=f"k{i:03d}", image=png(i), alt_text=f"a picture number {i}".encode(),
-                      recaption=f"A noisy picture. It has number {i}! The end.".encode()) for i in range(n)]
-    if bad:
-        records += [Record("k-bad-image", b"not an image", b"alt", b"re"),
-                    Record("k-empty", png(1), b"   ", b"re"),
-                    Record("k-utf8", png(2), b"\xff\xfe bad", b"re")]
-    keys = []
-    for s in range(shards):
-        w = ArrayRecordWriter(str(directory / shard_name("train", s, shards)), "group_size:1")
-        for r in records[s::shards]:
-            w.write(r.encode())
-            keys.append(r.key)
-        w.close()
-    return keys
 
 
 @pytest.fixture(scope="module")
