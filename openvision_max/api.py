@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import yaml
+from etils import epath
 
 from openvision_max.config.schema import Config
 
@@ -94,7 +95,7 @@ class OpenVisionModel:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
 
-def _load_export(path: pathlib.Path, dtype: str, config: Optional[Config], batch_size: int) -> OpenVisionModel:
+def _load_export(path: epath.Path, dtype: str, config: Optional[Config], batch_size: int) -> OpenVisionModel:
     from openvision_max.config.run_config import inference_config
     from openvision_max.export.directory import ExportError, read_export
     from openvision_max.export.mapping import FormatError, from_open_clip
@@ -133,7 +134,8 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", *, config: Opti
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    p = pathlib.Path(path).expanduser().absolute()  # orbax refuses relative paths
+    # Local paths made absolute (orbax refuses relative ones); gs:// paths as they are.
+    p = epath.Path(path) if "://" in str(path) else epath.Path(pathlib.Path(path).expanduser().absolute())
     if not p.is_dir():
         raise LoadError(f"{path} is not a directory")
     if (p / "open_clip_config.json").is_file():

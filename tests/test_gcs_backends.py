@@ -3,10 +3,10 @@
 The server is fake-gcs-server (tests/gcs_emulator.py), one per test. What these tests establish:
 - etils.epath on gs:// (through gcsfs): write/read/exists/is_dir/iterdir/glob/rename work; mkdir makes
   nothing (GCS has no directories) and open("a") OVERWRITES (gcsfs warns and writes instead). Appending
-  is done with GCS compose: `gcs_append` below, the pattern for metrics.jsonl.
+  is done with GCS compose: `openvision_max.training.gcs.append`, what metrics.jsonl uses.
 - orbax CheckpointManager on gs:// with the trainer's options: async save, steps, restore, max_to_keep.
 - tensorboardX SummaryWriter("gs://...") writes (through google-cloud-storage), and TensorBoard reads the
-  events back from gs://; `ComposeRecordWriter` below is the append-only alternative.
+  events back from gs://; `gcs_objects.ComposeRecordWriter`, which the trainer uses, appends instead of re-uploading.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 import warnings
 
 import pytest
@@ -25,6 +24,8 @@ pytest.importorskip("gcsfs", reason="gcsfs, etils.epath's gs:// backend (a main 
 
 import fsspec  # noqa: E402
 from etils import epath  # noqa: E402
+
+from openvision_max.training import gcs as gcs_objects  # noqa: E402
 
 from gcs_emulator import EMULATOR_ENV, gcs_emulator  # noqa: E402
 
@@ -113,26 +114,6 @@ def test_epath_reads_and_writes_gs(gcs):
     assert not (run / "config.yml").exists() and (run / "config-old.yml").read_text() == "a: 1\n"
 
 
-def gcs_append(path: str, data: bytes) -> None:
-    """Appends `data` to the GCS object `path` (gs://...) in O(len(data)): uploads it as a new object and
-    composes [path, new] onto `path`. GCS objects are immutable and gcsfs turns open("a") into a rewrite.
-
-    One writer per object (GCS allows about one update per second to an object: buffer, and append once
-    per log period). The part object is deleted after the compose.
-    """
-    fs, name = fsspec.core.url_to_fs(path)
-    fs.invalidate_cache(name)  # exists() must not answer from a listing cached before the object was made
-    if not fs.exists(name):
-        fs.pipe_file(name, data)
-        return
-    part = f"{name}.append-{uuid.uuid4().hex}"
-    fs.pipe_file(part, data)
-    try:
-        fs.merge(name, [name, part])
-    finally:
-        fs.rm_file(part)
-
-
 def test_epath_append_overwrites_on_gs_compose_appends(gcs):
     metrics = epath.Path(gcs.root) / "run" / "metrics.jsonl"
     with warnings.catch_warnings(record=True) as caught:
@@ -145,7 +126,7 @@ def test_epath_append_overwrites_on_gs_compose_appends(gcs):
 
     metrics.unlink()
     for step in (1, 2, 3):
-        gcs_append(str(metrics), (json.dumps({"step": step}) + "\n").encode())
+        gcs_objects.append(str(metrics), (json.dumps({"step": step}) + "\n").encode())
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
     assert [p.name for p in metrics.parent.iterdir()] == ["metrics.jsonl"]  # no part objects left
 
@@ -223,40 +204,9 @@ def test_tensorboardx_summary_writer_writes_gs(gcs):
     assert _scalars(logdir, "loss") == [(0, 1.0), (1, 0.5), (2, 0.3333)]
 
 
-class ComposeRecordWriter:
-    """A tensorboardX record writer for gs:// that appends each flush's records with `gcs_append`.
-
-    tensorboardX's own GCSRecordWriter keeps the whole event file in memory and uploads all of it at every
-    flush and again from __del__ at exit (where an unreachable GCS means 120 s of retries). Registered with
-    `tensorboardX.record_writer.register_writer_factory("gs", ComposeRecordWriter.Factory())`.
-    """
-
-    class Factory:
-        def open(self, path: str) -> ComposeRecordWriter:
-            return ComposeRecordWriter(path)
-
-        def directory_check(self, path: str) -> None:
-            pass  # no directories on GCS
-
-    def __init__(self, path: str):
-        self.path = path
-        self.pending = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.pending += data
-
-    def flush(self) -> None:
-        if self.pending:
-            gcs_append(self.path, bytes(self.pending))
-            self.pending.clear()
-
-    def close(self) -> None:
-        self.flush()
-
-
 def test_tensorboard_events_appended_by_compose(gcs, monkeypatch):
     from tensorboardX import SummaryWriter, record_writer
-    monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", ComposeRecordWriter.Factory())
+    monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", gcs_objects.ComposeRecordWriter.Factory())
     logdir = f"{gcs.root}/run/tensorboard"
     writer = SummaryWriter(logdir, flush_secs=30)
     try:

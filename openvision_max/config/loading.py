@@ -22,7 +22,6 @@ import functools
 import itertools
 import math
 import os
-import pathlib
 import re
 import sys
 import types
@@ -30,6 +29,7 @@ import typing
 from typing import Any, Literal, Union
 
 import yaml
+from etils import epath
 
 from openvision_max.config.schema import Config, ConfigError, finalize
 
@@ -64,7 +64,7 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} {where}{hint}")
 
 
-def _read_yaml(path: pathlib.Path) -> dict:
+def _read_yaml(path: epath.Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -98,7 +98,7 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _read_chain(path: pathlib.Path) -> dict:
+def _read_chain(path: epath.Path) -> dict:
     layers = []
     for _ in range(_MAX_CHAIN):
         data = _read_yaml(path)
@@ -321,7 +321,7 @@ def _read(argv: list[str]) -> tuple[dict, dict, dict]:
     """(the config files merged, the command line's overrides, both merged) of `argv`."""
     if not argv:
         raise ConfigError("usage: CONFIG.yml [key=value ...]")
-    files = _read_chain(pathlib.Path(argv[0]))
+    files = _read_chain(epath.Path(argv[0]))  # a local file or gs:// (a run's config.yml in a bucket)
     cli: dict = {}
     for arg in argv[1:]:
         _apply_override(cli, arg)

@@ -13,6 +13,7 @@ import tempfile
 from typing import Any, Optional
 
 import yaml
+from etils import epath
 
 from openvision_max.config import load_config
 from openvision_max.config.schema import ATTENTION_AVAILABLE, Config
@@ -20,15 +21,17 @@ from openvision_max.config.schema import ATTENTION_AVAILABLE, Config
 BASE_YML = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.yml"
 
 
-def _newest_step(checkpoints: pathlib.Path) -> Optional[int]:
+def _newest_step(checkpoints: epath.Path) -> Optional[int]:
     # Orbax gives a step directory its final (numeric) name only once it is complete.
     steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
     return max(steps, default=None)
 
 
-def find_run(path: pathlib.Path) -> Optional[tuple[pathlib.Path, Optional[int]]]:
+def find_run(path: epath.Path) -> Optional[tuple[epath.Path, Optional[int]]]:
     """(run directory, checkpoint step or None for the newest) of a run directory (config.yml +
-    checkpoints/), its checkpoints/ directory or one step directory; None for anything else."""
+    checkpoints/), its checkpoints/ directory or one step directory (local or gs://); None for anything
+    else."""
+    path = epath.Path(path)
     if (path / "config.yml").is_file() and (path / "checkpoints").is_dir():
         return path, _newest_step(path / "checkpoints")
     if path.name == "checkpoints" and (path.parent / "config.yml").is_file():

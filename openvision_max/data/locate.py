@@ -50,6 +50,9 @@ def resolve(entries: Sequence[str], cache_dir: str) -> list[str]:
         raise DataError("no training data: set train_data (dataset directories, shard files or patterns)")
     shards: list[str] = []
     for entry in entries:
+        if "://" in entry:
+            raise DataError(f"{entry}: shards are read from local paths; for a bucket, mount it with GCS FUSE "
+                            "(GKE: the gcsfuse CSI driver, e.g. at /gcs/BUCKET) and give the mounted path")
         if entry.startswith(DEMO_SCHEME):
             shards.extend(_directory_shards(dataset_directory(entry, cache_dir)))
             continue

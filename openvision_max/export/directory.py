@@ -13,6 +13,7 @@ PyTorch pickle (`.bin`/`.pth`, e.g. a released model) imports torch lazily.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -22,6 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 import yaml
+from etils import epath
 
 from openvision_max.config import config_to_dict
 from openvision_max.config.schema import Config
@@ -82,12 +84,15 @@ def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pat
     """Writes the export of `params` (a tree of arrays fitting `cfg`) to `export_dir`, which must not exist
     or be empty. Files go to a temporary sibling directory renamed into place at the end, so a failure
     leaves nothing behind under `export_dir`."""
-    target = pathlib.Path(export_dir)
+    remote = is_remote(export_dir)
+    target = epath.Path(export_dir) if remote else pathlib.Path(export_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} already exists and is not an empty directory")
     clip, decoder = mapping.to_open_clip(params, cfg)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if not remote:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    # Locally a sibling renamed into place; for gs:// a local directory uploaded file by file at the end.
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=None if remote else target.parent))
     try:
         (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg), indent=2) + "\n")
         _save_safetensors(tmp / WEIGHTS, clip, {"format": "pt"})
@@ -96,23 +101,42 @@ def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pat
         _save_safetensors(tmp / DECODER_WEIGHTS, decoder, {"format": "pt"})
         (tmp / OUR_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         umask_modes(tmp)
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.rename(tmp, target)
+        if remote:
+            _upload(tmp, target)
+            shutil.rmtree(tmp)
+        else:
+            if target.exists():
+                target.rmdir()  # empty, checked above
+            os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if remote and target.exists():
+            target.rmtree()  # a partial upload: nothing half-written stays under export_dir
         raise
     return target
 
 
-def load_state(path: pathlib.Path) -> mapping.State:
-    """A state dict file as NumPy float arrays: safetensors without torch, PyTorch pickles with it."""
+def is_remote(path: str | os.PathLike) -> bool:
+    """A URI (gs://...) rather than a local path."""
+    return "://" in str(path)
+
+
+def _upload(local: pathlib.Path, target: epath.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(local.iterdir()):
+        (target / f.name).write_bytes(f.read_bytes())
+
+
+def load_state(path: pathlib.Path | epath.Path) -> mapping.State:
+    """A state dict file as NumPy float arrays: safetensors without torch, PyTorch pickles with it. A gs://
+    file is read into memory first (the readers take local files or bytes)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-            return load_file(str(path))
+            from safetensors.numpy import load, load_file
+            return load(path.read_bytes()) if is_remote(path) else load_file(str(path))
         import torch  # a PyTorch pickle (.bin/.pth); weights_only refuses arbitrary code
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        source = io.BytesIO(path.read_bytes()) if is_remote(path) else str(path)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, bfloat16 safetensors (no NumPy dtype), a foreign pickle...
         raise ExportError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(state, dict) and "state_dict" in state:
@@ -122,7 +146,7 @@ def load_state(path: pathlib.Path) -> mapping.State:
             for k, v in state.items()}
 
 
-def find_weights(directory: pathlib.Path) -> Optional[pathlib.Path]:
+def find_weights(directory: pathlib.Path | epath.Path) -> Optional[pathlib.Path | epath.Path]:
     """The CLIP weights file open_clip would pick in `directory` (its preferred names only)."""
     return next((directory / n for n in WEIGHT_NAMES if (directory / n).is_file()), None)
 
@@ -132,7 +156,7 @@ def read_export(directory: str | os.PathLike, *, decoder: bool = True
     """(open_clip config, CLIP state, decoder state or None, our resolved config dict or None) of a
     directory in open_clip's local-dir layout: our export, or a released OpenVision PyTorch model.
     The decoder state is None when the directory has none or `decoder` is False (not read)."""
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory) if is_remote(directory) else pathlib.Path(directory)
     config_path = directory / OPEN_CLIP_CONFIG
     if not config_path.is_file():
         raise ExportError(f"{directory} has no {OPEN_CLIP_CONFIG}: not an open_clip model directory")

@@ -20,10 +20,11 @@ import sys
 import tempfile
 
 import yaml
+from etils import epath
 
 from openvision_max.config import cli_config, config_to_dict
 from openvision_max.config.schema import Config
-from openvision_max.export.directory import ExportError, read_export, umask_modes
+from openvision_max.export.directory import ExportError, is_remote, read_export, umask_modes
 from openvision_max.export.mapping import FormatError, from_open_clip
 from openvision_max.export.open_clip_config import architecture_mismatches
 
@@ -38,10 +39,11 @@ def import_open_clip(directory: str | os.PathLike, cfg: Config, output: str | os
     """Imports `directory` into the run directory `output`; returns (output, how the decoder was obtained)."""
     import jax
 
-    from openvision_max.training.checkpointing import Checkpointer
     from openvision_max.training.params import init_params
 
-    target = pathlib.Path(output).expanduser().absolute()  # orbax refuses relative checkpoint paths
+    remote = is_remote(output)
+    # Orbax refuses relative checkpoint paths.
+    target = epath.Path(output) if remote else pathlib.Path(output).expanduser().absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ImportFailed(f"output {target} already exists and is not an empty directory")
     try:
@@ -60,12 +62,13 @@ def import_open_clip(directory: str | os.PathLike, cfg: Config, output: str | os
         how = "imported from caption_decoder.safetensors"
     device = jax.devices()[0]
     params = jax.tree.map(lambda x: jax.device_put(x, device), params)
+    if remote:  # gs://: no rename into place; the checkpoint is complete only once orbax commits it
+        _write_run(target, cfg, params, {"imported_from": str(directory), "decoder": how})
+        return target, how
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        (tmp / "config.yml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        with Checkpointer(tmp / "checkpoints", max_to_keep=1, period=1) as ckpt:
-            ckpt.maybe_save(0, {"params": params}, {"imported_from": str(directory), "decoder": how}, force=True)
+        _write_run(tmp, cfg, params, {"imported_from": str(directory), "decoder": how})
         umask_modes(tmp)
         if target.exists():
             target.rmdir()
@@ -74,6 +77,16 @@ def import_open_clip(directory: str | os.PathLike, cfg: Config, output: str | os
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target, how
+
+
+def _write_run(run_dir, cfg: Config, params, meta: dict) -> None:
+    """A run directory holding `params` as checkpoint 0, as train.py would leave it."""
+    from openvision_max.training.checkpointing import Checkpointer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    with Checkpointer(run_dir / "checkpoints", max_to_keep=1, period=1) as ckpt:
+        ckpt.maybe_save(0, {"params": params}, meta, force=True)
 
 
 def _split_output(argv: list[str]) -> tuple[str, list[str], str]:

@@ -1,7 +1,8 @@
 """Metric lines: one printed line and one JSON object in `<run_dir>/metrics.jsonl` per log period.
 
 With several processes, process 0 is the one writer: it prints, writes metrics.jsonl and TensorBoard; the
-others compute the same figures (the metrics are global) and keep quiet.
+others compute the same figures (the metrics are global) and keep quiet. On gs:// the lines are buffered
+and appended every `GCS_FLUSH_SECONDS` (GCS takes about one update per second per object) and at close.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import dataclasses
 import json
 import math
 import pathlib
+import time
 from typing import Any, Optional
 
+from openvision_max.training import gcs
+
 # Printed in this order when present; everything else follows alphabetically.
+GCS_FLUSH_SECONDS = 10.0
 _ORDER = ("loss", "contrastive_loss", "caption_loss", "learning_rate", "temperature", "grad_norm",
           "step_time_s", "samples_per_s", "tflops_per_device", "mfu")
 
@@ -56,13 +61,33 @@ class MetricsWriter:
         self.last_evals: dict[str, float] = {}  # the latest value of every eval/<name>/<metric>
         self.enabled = is_writer()
         self.tensorboard = None
+        self._pending: list[str] = []  # gs:// lines not yet appended
+        self._flushed = time.monotonic()
         if self.enabled:
             from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
+            if gcs.is_remote(run_dir):
+                gcs.use_compose_for_tensorboard()
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)
 
     def close(self) -> None:
+        self._flush()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+    def _flush(self) -> None:
+        if self._pending:
+            gcs.append(str(self.path), "".join(self._pending).encode())
+            self._pending.clear()
+        self._flushed = time.monotonic()
+
+    def _append(self, line: str) -> None:
+        if not gcs.is_remote(self.path):
+            with self.path.open("a") as f:
+                f.write(line)
+            return
+        self._pending.append(line)
+        if time.monotonic() - self._flushed >= GCS_FLUSH_SECONDS:
+            self._flush()
 
     def write(self, step: int, stage: str, values: dict[str, Any], progress: Optional[Progress] = None) -> None:
         record = {"step": step, "stage": stage, **{k: (float(v) if not isinstance(v, str) else v)
@@ -70,8 +95,7 @@ class MetricsWriter:
         self.last_evals.update({k: v for k, v in record.items() if k.startswith("eval/")})
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n")
         for k, v in record.items():
             if k != "step" and not isinstance(v, str):
                 self.tensorboard.add_scalar(k, v, step)

@@ -159,3 +159,10 @@ def test_converted_photo_webdataset_reads_back_through_the_pipeline(tmp_path, ca
     np.testing.assert_array_equal(np.asarray(batch["caption_targets"]), targets)
     np.testing.assert_array_equal(np.asarray(batch["caption_mask"]), mask)
     it.close()
+
+
+def test_a_bucket_pattern_says_to_mount_it():
+    from openvision_max.data import locate
+    with pytest.raises(locate.DataError, match=r"gs://b/train-\*.array_record: shards are read from local paths; "
+                                               "for a bucket, mount it with GCS FUSE"):
+        locate.resolve(["gs://b/train-*.array_record"], "")
