@@ -1,15 +1,25 @@
-"""Shared fixtures. Every test process sees 8 fake CPU devices, so mesh tests need no subprocess."""
+"""Shared fixtures. Every test process sees 8 fake CPU devices, so mesh tests need no subprocess.
+
+Compiled programs are kept in JAX's persistent compilation cache under .cache/jax (the variables are
+inherited by the binaries tests start): the suite compiles the same tiny train step dozens of times, in
+processes of its own, and a cache hit takes a second where a compile takes ten or more on two cores. The
+cache is keyed by the program, its compile options and the JAX version, so it changes no result.
+"""
 
 import os
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import pathlib  # noqa: E402
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# For the binaries tests start with an environment of their own choosing.
+JAX_CACHE_ENV = {k: os.environ[k] for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
 
 import pytest  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 # A tiny model: fast to compile, every dimension divisible by the 2x2x2 test mesh.
@@ -30,3 +40,14 @@ def root() -> pathlib.Path:
 def tiny_config(*overrides: str, num_devices: int = 1):
     from openvision_max.config import load_config
     return load_config([str(CONFIGS / "base.yml"), *TINY, *overrides], platform="cpu", num_devices=num_devices)
+
+
+# The longest tests (several processes, whole training runs) start first, so that on two workers the suite
+# does not end with one of them still running a long test while the other waits.
+SLOW_FIRST = ("test_multihost.py", "test_readme.py", "test_gcs_run.py", "test_train_binary.py", "test_step.py",
+              "test_evals.py", "test_aot.py", "test_remat.py", "test_attention.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))

@@ -133,9 +133,15 @@ class GrainIterator:
         return {f"data/skipped_{reason}": float(n) for reason, n in sorted(self.skipped.items())}
 
     def get_state(self) -> dict[str, Any]:
-        return {"grain": self._it.get_state(), "skipped": dict(self.skipped)}
+        return {"grain": self._it.get_state(), "skipped": dict(self.skipped),
+                "host": [self.process_index, self.process_count]}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        # Each host's position is its own: another host's would repeat that host's records and skip its own.
+        saved = state.get("host")  # absent in states saved before hosts were recorded
+        if saved is not None and list(saved) != [self.process_index, self.process_count]:
+            raise locate.DataError(f"the data iterator state of host {saved[0]} of {saved[1]} cannot resume host "
+                                   f"{self.process_index} of {self.process_count}")
         self._it.set_state(state["grain"])
         self.skipped = collections.Counter(state.get("skipped", {}))
 

@@ -158,3 +158,21 @@ def test_a_runs_config_yml_is_a_config(tmp_path, stage):
     assert [resolved(c) for c in again] == [resolved(c) for c in stages]
     smaller = load_stages([str(written), "global_batch_size=64"], platform="cpu", num_devices=1)
     assert {c.global_batch_size for c in smaller} == {64}
+
+
+def test_slices_found_at_run_time_fill_the_dcn_axes():
+    from openvision_max.config import load_stages
+    from openvision_max.config.loading import read_run_keys
+    from openvision_max.config.schema import finalize
+
+    def at_run_time(*args, slices):  # what load_stages does with the slices it finds on the devices
+        keys = read_run_keys([str(CONFIGS / "base.yml"), *args])
+        return finalize(keys, platform="tpu", num_devices=16, num_slices=slices)
+
+    cfg = at_run_time(slices=2)  # dcn_data_parallelism: -1 in base.yml
+    assert cfg.derived.dcn_mesh_shape == (2, 1, 1) and cfg.derived.ici_mesh_shape == (1, 8, 1)
+    with pytest.raises(ConfigError, match=r"dcn parallelism \{'data': 1, 'fsdp': 4, 'tensor': 1\} uses 4 slices but "
+                                          r"the job has 2"):
+        at_run_time("dcn_data_parallelism=1", "dcn_fsdp_parallelism=4", slices=2)
+    assert load_stages([str(CONFIGS / "base.yml")], platform="cpu", num_devices=8)[0].derived.dcn_mesh_shape == \
+        (1, 1, 1)

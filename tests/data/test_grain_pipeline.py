@@ -9,7 +9,7 @@ import pytest
 
 from openvision_max.data import tokenizer as tk
 
-from conftest import ROOT, tiny_config
+from conftest import JAX_CACHE_ENV, ROOT, tiny_config
 from photo_data import write_dataset
 
 N_RECORDS = 24
@@ -118,7 +118,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
 def run_train(*args):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/demo.yml"), *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV})
 
 
 @pytest.mark.parametrize("data,message", [

@@ -11,7 +11,7 @@ from openvision_max.data.locate import DataError
 from openvision_max.data.records import Record, shard_name
 from openvision_max.evals import zeroshot
 
-from conftest import CONFIGS, ROOT, tiny_config
+from conftest import CONFIGS, JAX_CACHE_ENV, ROOT, tiny_config
 from photo_data import png
 
 
@@ -88,7 +88,7 @@ def test_eval_only_reproduces_the_runs_own_zero_shot_figures(tmp_path):
     """A short demo run evaluates at its end; eval_only on its checkpoint must give the same figures."""
     common = [f"base_output_directory={tmp_path}", f"data_cache_dir={tmp_path / 'cache'}",
               "global_batch_size=16", "eval_batch_size=32"]
-    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV}
     train = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIGS / "demo.yml"), "run_name=run",
                             "steps=3", "log_period=1", "grain_worker_count=0", *common],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -192,7 +192,7 @@ def test_cli_exits_2_with_one_line_on_a_missing_eval_path(tmp_path):
                            "dataset_type=synthetic", f"base_output_directory={tmp_path / 'runs'}",
                            eval_entry(tmp_path / "nope")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV})
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == [f"train.py: data error: eval typo: path {tmp_path / 'nope'} does not exist"], proc.stderr

@@ -127,7 +127,8 @@ def _fake_report(total: float, hbm: int) -> dict:
 def _user_env() -> dict:
     """The environment of a user's shell: none of the variables conftest or libtpu_env_for_cpu_host set, so
     libtpu's start-up noise, or a clash on its lock file with this process, would show."""
-    drop = ("JAX_PLATFORMS", "XLA_FLAGS", "TPU_HOST_BOUNDS", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD")
+    drop = ("JAX_PLATFORMS", "XLA_FLAGS", "TPU_HOST_BOUNDS", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD",
+            "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
