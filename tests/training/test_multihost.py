@@ -1,5 +1,5 @@
 """`python train.py` as several JAX processes on this machine (2 processes x 4 CPU devices) against one
-process with 8: the same losses (grain) and evals, one writer, each host resuming its own data position; a
+process with 8: the same losses (grain and synthetic data) and evals, one writer, each host resuming its own data position; a
 SIGTERM to one host; a coordinator that never answers.
 
 Every process a test starts is killed by its pid (or, for the launcher, its process group) at the end, also
@@ -43,14 +43,17 @@ def demo_digits(tmp_path):
     return sets["digits_train"], sets["digits_test"]
 
 
-def config_args(tmp_path, run_name, *, steps=10):
+def config_args(tmp_path, run_name, *, steps=10, synthetic=False):
     """The tiny model on the demo's digits (no bad records: each host's share of a batch is exactly the one
-    process's batch), with a zero-shot eval on their test set at the end."""
+    process's batch), with a zero-shot eval on their test set at the end; or, `synthetic`, the same model
+    and schedule (so the same compiled step) on synthetic batches, without the eval."""
     data, test = demo_digits(tmp_path)
     # The real tokenizer's ids need the BERT vocabulary (TINY's 128 rows would be read out of range).
+    data_keys = (["dataset_type=synthetic", "evals=[]"] if synthetic else
+                 ["dataset_type=grain", f"train_data=[{data}]", "grain_worker_count=0",
+                  f"evals=[{{name: v, type: zeroshot, path: {test}}}]"])
     return [str(CONFIGS / "base.yml"), *TINY, "vocab_size=32000", *MESH, f"steps={steps}", "checkpoint_period=10",
-            "log_period=1", "warmup_steps=5", "dataset_type=grain", f"train_data=[{data}]", "grain_worker_count=0",
-            f"evals=[{{name: v, type: zeroshot, path: {test}}}]", f"base_output_directory={tmp_path}",
+            "log_period=1", "warmup_steps=5", *data_keys, f"base_output_directory={tmp_path}",
             f"run_name={run_name}"]
 
 
@@ -88,7 +91,8 @@ def one_process(tmp_path, args):
 def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     """2 x 4 devices against 1 x 8 on the demo digits: the same loss at every step (1e-6) and the same zero-shot
     figures, one writer. The same 2-process run killed (both processes) after its step-20 checkpoint and
-    restarted: the uninterrupted run's final loss bitwise, each host from its own saved position."""
+    restarted: the uninterrupted run's final loss bitwise, each host from its own saved position. Then 2 x 4
+    against 1 x 8 on synthetic batches (one test, so that these runs find the step already compiled)."""
     # One run at a time: on two cores, processes that wait long for a peer's collective time out.
     out = finished(launch(processes, tmp_path, config_args(tmp_path, "two", steps=30)))
     one_process(tmp_path, config_args(tmp_path, "one", steps=30))
@@ -103,7 +107,9 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     restarted = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=30))
 
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert sorted(a) == list(range(1, 31)) and sorted(b) == sorted(a)
+    # One line per logged step (log_period=1), from the one writer.
+    assert [m["step"] for m in metrics(tmp_path / "two") if "loss" in m] == list(range(1, 31))
+    assert sorted(b) == sorted(a)
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6), step
     evals_two = [m for m in metrics(tmp_path / "two") if "eval/v/top1" in m]
@@ -125,6 +131,13 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     assert host_keys(tmp_path, 1, state=saved[1]) == host_keys(tmp_path, 1, skip_batches=20)
     with pytest.raises(Exception, match="the data iterator state of host 0 of 2 cannot resume host 1 of 2"):
         host_keys(tmp_path, 1, state=saved[0])
+
+    finished(launch(processes, tmp_path, config_args(tmp_path, "syn-two", steps=30, synthetic=True)))
+    one_process(tmp_path, config_args(tmp_path, "syn-one", steps=30, synthetic=True))
+    a, b = losses(tmp_path / "syn-two"), losses(tmp_path / "syn-one")
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6), step
 
 
 def host_iterator(tmp_path, host, count):
