@@ -11,12 +11,10 @@ import argparse
 import pathlib
 
 from openvision_max.config import load_config
+from openvision_max.perf.family import MODELS
 from openvision_max.perf.summary import summarize
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-# Model file -> resolutions of the OpenVision recipe (shared/reference/openvision.md).
-MODELS = {"Ti16": (160, 224, 384), "S16": (160, 224, 384), "B16": (160, 224, 384),
-          "L14": (84, 224, 336), "So400m14": (84, 224, 384), "H14": (84, 224)}
 
 
 def main() -> None:

@@ -129,6 +129,7 @@ class Config:
     adam_eps: float
     # Data.
     dataset_type: Literal["synthetic", "grain"]
+    reuse_example_batch: bool
     train_data: list[str]
     data_cache_dir: str
     train_augment: bool

@@ -30,18 +30,21 @@ def _make(cfg: Config, rng: jax.Array) -> dict[str, jax.Array]:
 
 
 class SyntheticIterator:
-    """Yields device-generated batches; its state is just the step, so resume is exact."""
+    """Yields device-generated batches; its state is just the step, so resume is exact. With
+    `reuse_example_batch` every step gets the first batch (made once): a benchmark then times no generation,
+    and a model can be seen to memorise it."""
 
     def __init__(self, cfg: Config, mesh: Mesh):
         self._key = jax.random.key(cfg.seed + 1)
         self._step = 0
         self._make = jax.jit(functools.partial(_make, cfg), out_shardings=batch_sharding(mesh))
+        self._reused = self._make(jax.random.fold_in(self._key, 0)) if cfg.reuse_example_batch else None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        batch = self._make(jax.random.fold_in(self._key, self._step))
+        batch = self._reused or self._make(jax.random.fold_in(self._key, self._step))
         self._step += 1
         return batch
 

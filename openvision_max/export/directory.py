@@ -21,7 +21,6 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
-import numpy as np
 import yaml
 from etils import epath
 

@@ -141,21 +141,24 @@ def cost_report(cfg: Config, compiled, device_kind: str) -> dict[str, Any]:
     }
 
 
-def report(cfg: Config) -> dict[str, Any]:
+def report(cfg: Config, *, model_unfit: bool = True) -> dict[str, Any]:
     """Compiles the train step of `cfg` for its topology and returns every figure of the report.
 
     With scan_layers=true the compiler's cost model cannot see through the layer loop, so the same step is
     compiled a second time unrolled and its modelled time reported, labelled as such (`cost_model_of`); the
     memory figures are always those of the configured (scanned) program. When the cost model already refused
     the scanned program (a non-positive time: custom calls it cannot cost), the unrolled one holds the same
-    calls, so the second compile is skipped.
+    calls, so the second compile is skipped; so it is, with model_unfit=False, for a program that does not fit
+    (a benchmark searching for the batch that fits needs no time for the ones that do not).
     """
     compiled, mesh, times = compile_train_step(cfg)
     spec = topology.spec(cfg.compile_topology)
     device = mesh.devices.flat[0]
     cost = cost_report(cfg, compiled, device.device_kind)
     cost_model_of = "the configured program"
-    if cost["while_loops"] and cfg.scan_layers and cost["optimal_seconds_raw"] > 0:
+    memory = memory_report(compiled, spec.hbm_bytes)
+    if cost["while_loops"] and cfg.scan_layers and cost["optimal_seconds_raw"] > 0 and (
+            model_unfit or memory["fits"]):
         unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
         unrolled, _, unrolled_times = compile_train_step(unrolled_cfg)
         unrolled_cost = cost_report(unrolled_cfg, unrolled, device.device_kind)
@@ -177,7 +180,7 @@ def report(cfg: Config) -> dict[str, Any]:
         "image_size": cfg.image_size,
         "dtype": cfg.dtype,
         **{k: round(v, 3) for k, v in times.items()},
-        "memory": memory_report(compiled, spec.hbm_bytes),
+        "memory": memory,
         "cost_model_of": cost_model_of,
         **cost,
     }

@@ -106,7 +106,7 @@ def _say_if_schedule_changed(cfg: Config, saved: dict | None, step: int) -> None
 
 def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointing.PreemptionGuard,
               writer: MetricsWriter, peak: float, params: Any, params_path: str, resume) -> StageResult:
-    name, offset = cfg.derived.stage_name, cfg.derived.step_offset
+    name = cfg.derived.stage_name
     mesh = create_mesh(cfg)
     model, tx = models.build(cfg), optimizer.build(cfg)
     # Data and eval sets are opened before any compilation: a bad path fails in seconds.

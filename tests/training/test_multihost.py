@@ -1,6 +1,6 @@
 """`python train.py` as several JAX processes on this machine (2 processes x 4 CPU devices) against one
-process with 8: the same losses (grain and synthetic data) and evals, one writer, each host resuming its own data position; a
-SIGTERM to one host; a coordinator that never answers.
+process with 8: the same losses (grain and synthetic data) and evals, one writer, each host resuming its own
+data position; a SIGTERM to one host; a coordinator that never answers.
 
 Every process a test starts is killed by its pid (or, for the launcher, its process group) at the end, also
 when the test fails. The model is the suite's tiny one, the data the demo's handwritten digits.

@@ -11,6 +11,7 @@ import pytest
 from openvision_max import models
 from openvision_max.data.synthetic import SyntheticIterator
 from openvision_max.data.synthetic import _make as synthetic_batch
+from openvision_max.mesh.sharding import create_mesh
 from openvision_max.training.step import accumulated_loss_and_grads, loss_fn
 
 from conftest import tiny_config
@@ -52,15 +53,16 @@ def test_gradient_accumulation_same_params_after_one_step():
 
 
 def test_synthetic_loss_halves_within_200_steps():
-    cfg = tiny_config("base_lr=0.256", "warmup_steps=10", "steps=200", "global_batch_size=8")
-
-    # One fixed batch, repeated: the model memorises it.
-    class Same(SyntheticIterator):
-        def __next__(self):
-            self._step = 0
-            return super().__next__()
-
-    _, losses = run_steps(cfg, 200, iterator=Same)
+    """reuse_example_batch=true: one fixed batch, repeated, which the model memorises."""
+    cfg = tiny_config("base_lr=0.256", "warmup_steps=10", "steps=200", "global_batch_size=8",
+                      "reuse_example_batch=true")
+    with activate(cfg):
+        mesh = create_mesh(cfg)
+        reused, fresh = SyntheticIterator(cfg, mesh), SyntheticIterator(tiny_config(), mesh)
+        first, second = next(reused), next(reused)
+        assert all(first[k] is second[k] for k in first)
+        assert not np.array_equal(next(fresh)["images"], next(fresh)["images"])
+    _, losses = run_steps(cfg, 200)
     print(f"synthetic memorisation: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.5 * losses[0]
 
