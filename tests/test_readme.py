@@ -75,6 +75,14 @@ VARIANTS = {
         Variant("data", (*TRAIN_TINY, ONE_STAGE, "grain_worker_count=2"), data=True),
     "python train.py configs/L14.yml compile_topology=v5p-256 global_batch_size=16384 image_size=224":
         Variant("aot", (*TINY, *WIDE, "global_batch_size=256", "stage=finetune_224")),
+    # The harness on the tiny model: two measured steps each side; one AOT point (one value per swept key).
+    "python -m openvision_max.benchmark configs/B16.yml image_size=224 vision.depth=2 text.depth=2 "
+    "global_batch_size=8 --mode measure --vs open_clip": Variant("bench", (*TINY, "--steps", "2", "--warmup", "1")),
+    "python -m openvision_max.benchmark configs/L14.yml stage=finetune_224 --mode aot --topology v5p-8 --sweep "
+    "remat_policy=full,save_qkv_proj per_device_batch_size=32,64 --pick": Variant("bench", replace=(
+        ("stage=finetune_224", " ".join(["stage=finetune_224", *TINY, "scan_layers=false"])),
+        ("remat_policy=full,save_qkv_proj per_device_batch_size=32,64", "remat_policy=full per_device_batch_size=2"),
+    )),
 }
 
 
@@ -158,6 +166,15 @@ def test_data_commands(tmp_path):
         run(command, cwd, data_root=tmp_path)
     runs = list((cwd / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.jsonl").is_file()
+
+
+def test_benchmark_commands(tmp_path):
+    pytest.importorskip("libtpu")
+    cwd = workspace(tmp_path)
+    measured, modelled = (run(c, cwd).stdout for c in commands_of("bench"))
+    assert "ours / open_clip = " in measured and "measured step" in measured
+    assert "modelled MFU" in modelled and "pick L14 (patch 8) @32:" in modelled  # TINY has patch 8
+    assert len(list((tmp_path / "runs" / "benchmarks").glob("*/*.json"))) == 2
 
 
 def test_aot_command(tmp_path):
