@@ -102,6 +102,15 @@ def accumulated_loss_and_grads(model: nn.Module, cfg: Config, params: Any, batch
     return (total, parts), grads
 
 
+def schedule_moves_on(kept: Any, updated: Any) -> Any:
+    """`kept` (the optimiser state of a skipped step) with the learning-rate schedule's count of `updated`: a
+    skipped step is still a step of the schedule, so its count stays equal to `state.step`, the logged learning
+    rate is the applied one and the schedule still ends at zero. Adam's moments (and their count, which
+    drives the bias correction of the moments themselves) stay as they were."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda k, u: u if is_schedule(k) else k, kept, updated, is_leaf=is_schedule)
+
+
 def train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config,
                state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     if cfg.gradient_accumulation_steps > 1:
@@ -118,7 +127,7 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config,
     new_state = TrainState(
         step=state.step + 1,
         params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        opt_state=schedule_moves_on(keep(opt_state, state.opt_state), opt_state),
         nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
     )
     metrics = {

@@ -6,12 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from openvision_max import models
 from openvision_max.data.synthetic import SyntheticIterator
 from openvision_max.data.synthetic import _make as synthetic_batch
 from openvision_max.mesh.sharding import create_mesh
+from openvision_max.training.optimizer import learning_rate_schedule
 from openvision_max.training.step import accumulated_loss_and_grads, loss_fn
 
 from conftest import tiny_config
@@ -67,6 +69,10 @@ def test_synthetic_loss_halves_within_200_steps():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def is_schedule(x):
+    return isinstance(x, optax.ScaleByScheduleState)
+
+
 def test_nonfinite_step_is_skipped_and_counted():
     cfg = tiny_config()
     with activate(cfg):
@@ -78,6 +84,11 @@ def test_nonfinite_step_is_skipped_and_counted():
         after, metrics = step_fn(poisoned, next(data))
     assert int(metrics["nonfinite_in_a_row"]) == 1 and int(after.step) == 2
     assert not np.isfinite(float(metrics["loss"]))
+    # The schedule moved on with the step (its count is state.step), so the logged LR is the applied one.
+    counts = [s.count for s in jax.tree.leaves(after.opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    assert [int(c) for c in counts] == [int(after.step)]
+    assert float(metrics["learning_rate"]) == pytest.approx(float(learning_rate_schedule(cfg)(int(after.step) - 1)),
+                                                            rel=1e-5)  # jitted vs eager rounding
     # The update was not applied: every parameter except the poisoned t is unchanged.
     for path, a in jax.tree_util.tree_leaves_with_path(jax.device_get(after.params)):
         if jax.tree_util.keystr(path) != "['t']":
