@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from etils import epath
-
+from openvision_max.config.paths import as_path
 from openvision_max.perf import family
 
 
@@ -35,7 +34,7 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(chosen) - set(family.MODELS))
     if unknown:
         p.error(f"unknown model {unknown[0]!r}; the family: {', '.join(family.MODELS)}")
-    out_dir = epath.Path(args.output_dir).resolve() if "://" not in args.output_dir else epath.Path(args.output_dir)
+    out_dir = as_path(args.output_dir)
     rows = [e for e in family.entries(all_resolutions=args.all_resolutions, patch8=args.patch8)
             if not chosen or e.model in chosen]
     results = [family.measure_entry(e, args.topology, args.slices, out_dir) for e in rows]

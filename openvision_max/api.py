@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 from etils import epath
 
+from openvision_max.config.paths import as_path
 from openvision_max.config.schema import Config
 
 PreprocessInput = Any  # a PIL image, a uint8 array [H, W, 3] or encoded image bytes
@@ -135,7 +136,7 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", *, config: Opti
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     # Local paths made absolute (orbax refuses relative ones); gs:// paths as they are.
-    p = epath.Path(path) if "://" in str(path) else epath.Path(pathlib.Path(path).expanduser().absolute())
+    p = as_path(path)
     if not p.is_dir():
         raise LoadError(f"{path} is not a directory")
     if (p / "open_clip_config.json").is_file():

@@ -16,6 +16,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+from openvision_max.config.paths import is_remote
 from openvision_max.data.patterns import PatternError, match
 from openvision_max.data.records import SHARD_SUFFIX, DatasetInfo
 
@@ -50,7 +51,7 @@ def resolve(entries: Sequence[str], cache_dir: str) -> list[str]:
         raise DataError("no training data: set train_data (dataset directories, shard files or patterns)")
     shards: list[str] = []
     for entry in entries:
-        if "://" in entry:
+        if is_remote(entry):
             raise DataError(f"{entry}: shards are read from local paths; for a bucket, mount it with GCS FUSE "
                             "(GKE: the gcsfuse CSI driver, e.g. at /gcs/BUCKET) and give the mounted path")
         if entry.startswith(DEMO_SCHEME):

@@ -10,14 +10,12 @@ Config and input errors print one line and exit 2; nothing is left under export_
 
 from __future__ import annotations
 
-import pathlib
 import re
 import sys
 import time
 
-from etils import epath
-
 from openvision_max.config import cli_config
+from openvision_max.config.paths import as_path
 from openvision_max.config.run_config import find_run
 from openvision_max.export.directory import ExportError, write_export
 from openvision_max.training.checkpointing import CheckpointError
@@ -37,10 +35,6 @@ ONE_HOST = ["ici_data_parallelism=1", "ici_fsdp_parallelism=-1", "ici_tensor_par
             "attention=dot_product", "compile_topology=''"]
 
 
-def _absolute(path: str) -> epath.Path:
-    return epath.Path(path) if "://" in path else epath.Path(pathlib.Path(path).expanduser().absolute())
-
-
 def with_run_config(argv: list[str]) -> list[str]:
     """`argv` with the run's config.yml first when no config file is given, and the one-host settings after
     a run's config.yml."""
@@ -48,12 +42,12 @@ def with_run_config(argv: list[str]) -> list[str]:
         given = [a.split("=", 1)[1] for a in argv if a.startswith("load_parameters_path=")]
         if not given:
             fail("give a config file first, or load_parameters_path= of a run directory (its config.yml is used)")
-        found = find_run(_absolute(given[-1]))
+        found = find_run(as_path(given[-1]))
         if found is None:
             fail(f"load_parameters_path={given[-1]} is not in a run directory (config.yml + checkpoints/): give the "
                  "config file first")
         return [str(found[0] / "config.yml"), *ONE_HOST, *argv]
-    config = _absolute(argv[0]) if argv else None
+    config = as_path(argv[0]) if argv else None
     if config is not None and config.name == "config.yml" and find_run(config.parent) is not None:
         return [argv[0], *ONE_HOST, *argv[1:]]
     return argv

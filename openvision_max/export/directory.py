@@ -25,6 +25,7 @@ import yaml
 from etils import epath
 
 from openvision_max.config import config_to_dict
+from openvision_max.config.paths import is_remote
 from openvision_max.config.schema import Config
 from openvision_max.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, PAD_ID, VOCAB_PATH
 from openvision_max.export import mapping
@@ -113,11 +114,6 @@ def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pat
             target.rmtree()  # a partial upload: nothing half-written stays under export_dir
         raise
     return target
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """A URI (gs://...) rather than a local path."""
-    return "://" in str(path)
 
 
 def _upload(local: pathlib.Path, target: epath.Path) -> None:

@@ -23,8 +23,9 @@ import yaml
 from etils import epath
 
 from openvision_max.config import cli_config, config_to_dict
+from openvision_max.config.paths import is_remote
 from openvision_max.config.schema import Config
-from openvision_max.export.directory import ExportError, is_remote, read_export, umask_modes
+from openvision_max.export.directory import ExportError, read_export, umask_modes
 from openvision_max.export.mapping import FormatError, from_open_clip
 from openvision_max.export.open_clip_config import architecture_mismatches
 

@@ -64,11 +64,6 @@ def explicit_settings(cfg: Config) -> tuple[str, int, int] | None:
     return str(address), count, index
 
 
-def on_tpu_pod() -> bool:
-    """A Cloud TPU VM or GKE TPU host (not this package's own compile-only defaults on a CPU host)."""
-    return topology.host_may_have_tpu()
-
-
 def initialize(cfg: Config) -> None:
     """Joins this process to the others, if there are any (see the module docstring)."""
     import jax
@@ -76,7 +71,7 @@ def initialize(cfg: Config) -> None:
     if cfg.skip_jax_distributed_system:
         return
     explicit = explicit_settings(cfg)
-    if explicit is None and not on_tpu_pod():
+    if explicit is None and not topology.host_may_have_tpu():  # a Cloud TPU VM or GKE TPU host
         return
     timeout = cfg.jax_distributed_initialization_timeout
     if explicit is None:
@@ -122,6 +117,9 @@ def _wait_for(address: str, timeout: float) -> None:
             time.sleep(0.5)
 
 
+AGREE_BYTES = 256
+
+
 def agree(text: str) -> str:
     """Process 0's `text`, on every process (e.g. a run name from each host's own clock)."""
     import jax
@@ -129,7 +127,10 @@ def agree(text: str) -> str:
 
     if jax.process_count() == 1:
         return text
-    data = np.frombuffer(text.encode().ljust(256, b"\0")[:256], np.uint8)
+    raw = text.encode()
+    if len(raw) > AGREE_BYTES:  # a fixed size, so that no process needs another's length first
+        raise ValueError(f"agree() takes at most {AGREE_BYTES} bytes, got {len(raw)}: {text[:60]!r}...")
+    data = np.frombuffer(raw.ljust(AGREE_BYTES, b"\0"), np.uint8)
     agreed = multihost_utils.broadcast_one_to_all(data)
     return bytes(np.asarray(agreed)).rstrip(b"\0").decode()
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 import uuid
 
 
-def is_remote(path) -> bool:
-    return "://" in str(path)
-
-
 def append(path: str, data: bytes) -> None:
     """Appends `data` to the object `path` (gs://...), creating it if absent; one writer per object."""
     import fsspec

@@ -14,6 +14,7 @@ import pathlib
 import time
 from typing import Any, Optional
 
+from openvision_max.config.paths import is_remote
 from openvision_max.training import gcs
 
 # Printed in this order when present; everything else follows alphabetically.
@@ -65,7 +66,7 @@ class MetricsWriter:
         self._flushed = time.monotonic()
         if self.enabled:
             from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
-            if gcs.is_remote(run_dir):
+            if is_remote(run_dir):
                 gcs.use_compose_for_tensorboard()
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)
 
@@ -81,7 +82,7 @@ class MetricsWriter:
         self._flushed = time.monotonic()
 
     def _append(self, line: str) -> None:
-        if not gcs.is_remote(self.path):
+        if not is_remote(self.path):
             with self.path.open("a") as f:
                 f.write(line)
             return
