@@ -123,12 +123,18 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config,
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient skips the update (params and optimiser state stay as they were).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    # Once max_nonfinite_steps bad steps came in a row, the counter stays there and nothing is applied any
+    # more: the host reads the counter only on logged steps (no sync per step), so a run of bad steps
+    # between two logs is still seen at the next one, with the state as it was before them.
+    stopped = state.nonfinite_in_a_row >= cfg.max_nonfinite_steps
+    apply = finite & ~stopped
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(apply, new, old))
     new_state = TrainState(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=schedule_moves_on(keep(opt_state, state.opt_state), opt_state),
-        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+        nonfinite_in_a_row=jnp.where(stopped, state.nonfinite_in_a_row,
+                                     jnp.where(finite, 0, state.nonfinite_in_a_row + 1)),
     )
     metrics = {
         "loss": loss, **parts,

@@ -94,3 +94,34 @@ def test_nonfinite_step_is_skipped_and_counted():
         if jax.tree_util.keystr(path) != "['t']":
             b = functools.reduce(lambda d, k: d[k.key], path, before)
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_of_nonfinite_steps_between_logs_is_seen_at_the_next_log():
+    """max_nonfinite_steps=2: two bad steps, then good ones. The counter stays at 2 and no update is applied
+    after the run, so a log 3 steps later still stops the run (log_period > max_nonfinite_steps)."""
+    from openvision_max.training.loop import TrainingStopped, _log
+    cfg = tiny_config("max_nonfinite_steps=2", "log_period=5")
+    with activate(cfg):
+        state, step_fn, data = stepper(cfg)
+        state, _ = step_fn(state, next(data))
+        good = jax.device_get(state.params)
+        for _ in range(2):
+            bad = state.replace(params={**state.params, "t": jnp.asarray(jnp.nan)})
+            state, metrics = step_fn(bad, next(data))
+            state = state.replace(params={**state.params, "t": jnp.asarray(good["t"])})  # one step's poison
+        for _ in range(3):
+            state, metrics = step_fn(state, next(data))
+    assert int(state.step) == 6 and int(metrics["nonfinite_in_a_row"]) == 2
+    assert np.isfinite(float(metrics["loss"]))  # the last steps were good, and still not applied
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(good)):
+        np.testing.assert_array_equal(a, b)
+
+    class Writer:
+        def write(self, *args):
+            pass
+
+    class Timer:
+        def measure(self, step):
+            return {"step_time_s": 0.1}
+    with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss"):
+        _log(cfg, Writer(), Timer(), 6, metrics, {})
