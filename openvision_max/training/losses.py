@@ -11,20 +11,24 @@ import jax
 import jax.numpy as jnp
 
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
 def similarities(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
     """Cosine similarities [B, B] at full fp32 precision. At default precision a TPU computes an fp32 einsum
     in one bfloat16 pass: times a logit scale near 100, the rounding moves the loss by several 1e-3 (more than
     its resolution late in training). This matmul is a negligible share of the step's FLOPs."""
-    return jnp.einsum("ie,te->it", image_emb, text_emb, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("ie,te->it", image_emb, text_emb, precision=HIGHEST)
 
 
 def softmax_contrastive(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
     """CLIP loss, ½ (image->text + text->image). image_emb, text_emb [B, E] L2-normalised, fp32.
 
-    The positives are the logits' own diagonal, so they and the logsumexp's terms are the same numbers."""
+    The positives are computed at the logits' precision, so they and the logsumexp's terms are the same
+    numbers. (Not as `jnp.diagonal(logits)`: on a row-sharded logits matrix that aborted XLA's CPU runtime.)"""
     logits = logit_scale * similarities(image_emb, text_emb)
     logits = nn.with_logical_constraint(logits, ("activation_batch", None))
-    positives = jnp.diagonal(logits)
+    positives = logit_scale * jnp.einsum("ie,ie->i", image_emb, text_emb, precision=HIGHEST)
     image_to_text = jax.nn.logsumexp(logits, axis=1) - positives
     text_to_image = jax.nn.logsumexp(logits, axis=0) - positives
     return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))
