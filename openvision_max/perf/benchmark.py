@@ -18,6 +18,7 @@ memory per device, whether it fits, and the modelled step time, MFU and samples/
 steps on synthetic data (`reuse_example_batch`: no generation in the timed region): warm-up steps excluded,
 each timed step dispatched and waited for, nothing else in between; the step time is the median. Its MFU is
 against the datasheet peak of the device or, on CPU, the host's measured matmul peak at the compute dtype.
+It runs as one process on this host's devices (a pod slice's figures come from --mode aot).
 """
 
 from __future__ import annotations
