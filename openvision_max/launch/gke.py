@@ -381,7 +381,7 @@ def build(args: argparse.Namespace, command: list[str]) -> tuple[dict, list[str]
         raise UsageError(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a letter, at "
                          "most 40 characters (it names the JobSet, its pods and the run)")
     for flag, value in (("--bucket", args.bucket), ("--data-bucket", args.data_bucket)):
-        if value is not None and not re.match(r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$", value):
+        if value is not None and not re.match(r"^gs://[a-z0-9][-_.a-z0-9]*(/.*)?$", value):
             raise UsageError(f"{flag} {value!r} is not a gs://BUCKET[/path] URI")
     if args.gpu and args.nodes is None:
         raise UsageError("--gpu needs --nodes N")
