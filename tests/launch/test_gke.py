@@ -97,7 +97,8 @@ def test_tpu_manifest_field_by_field(case):
     assert c["args"] == container_args == [*COMMAND, "run_name=run-a", "base_output_directory=gs://b/runs"]
     assert "command" not in c   # the image's entrypoint is the binary
     [fuse] = [v for v in ps["volumes"] if "csi" in v]
-    assert fuse["csi"]["driver"] == "gcsfuse.csi.storage.gke.io" and fuse["csi"]["volumeAttributes"]["bucketName"] == "b"
+    assert fuse["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+    assert fuse["csi"]["volumeAttributes"]["bucketName"] == "b"
     assert {"name": fuse["name"], "mountPath": "/data", "readOnly": True} in c["volumeMounts"]
     env = env_of(m)
     assert "JAX_COORDINATOR_ADDRESS" not in env   # TPU hosts find each other (distributed.py's automatic path)
