@@ -40,6 +40,11 @@ GPU (`--gpu a3-highgpu-8g --nodes N`): one replicatedJob `node` of one Job of N 
 JAX_COORDINATOR_ADDRESS = pod 0's DNS name in the headless Service, JAX_NUM_PROCESSES = N, JAX_PROCESS_ID =
 the pod's `batch.kubernetes.io/job-completion-index` annotation.
 
+Left out on purpose: `hostNetwork` (xpk's choice for DCN bandwidth; the GCS FUSE sidecar needs extra set-up
+with it), `securityContext.privileged` (GKE 1.28+ gives TPU containers their devices without it), GPUDirect
+TCPX/TCPXO sidecars for a3 machines (cluster-specific), Kueue labels and priority classes (add them to the
+file, or use the printed xpk command, which does).
+
 Standard library (+ PyYAML) at import time: config loading is imported inside `run`, and it imports no JAX.
 """
 
@@ -343,9 +348,17 @@ def to_yaml(manifest: dict, header: str = "") -> str:
     return header + yaml.safe_dump(manifest, sort_keys=False, width=120)
 
 
+def xpk_tpu_type(tpu: str) -> str:
+    """xpk's --tpu-type for a topology name: v5p:4x4x4 -> v5p-128 (v4/v5p count cores), v5e-16 -> v5litepod-16."""
+    from openvision_max.config import topology
+    s = topology.spec(tpu)
+    count = s.chips * topology.CORES_PER_CHIP[s.kind]
+    return f"{'v5litepod' if s.kind == 'v5e' else s.kind}-{count}"
+
+
 def xpk_command(args: argparse.Namespace, container_args: list[str]) -> str:
     command = shlex.join(["python", "train.py", *container_args])
-    target = (["--tpu-type", args.tpu, "--num-slices", str(args.slices)] if args.tpu else
+    target = (["--tpu-type", xpk_tpu_type(args.tpu), "--num-slices", str(args.slices)] if args.tpu else
               ["--device-type", GPU_MACHINES[args.gpu][2], "--num-nodes", str(args.nodes)])
     return shlex.join(["xpk", "workload", "create", "--cluster", args.cluster, "--workload", args.name,
                        "--docker-image", args.image, *target, "--max-restarts", str(args.max_restarts),

@@ -316,3 +316,11 @@ def test_the_pods_command_trains_under_the_local_launcher(tmp_path, started):
     assert proc.returncode == 0, err[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "pod-cmd" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2]
+
+
+def test_a_grid_name_gives_the_same_slice_and_xpk_its_accelerator_type():
+    by_name = manifest_for("--tpu", "v5p-128", "--image", "i", "--name", "n")[0]
+    by_grid, _, args = manifest_for("--tpu", "v5p:4x4x4", "--image", "i", "--name", "n")
+    assert by_grid == by_name
+    assert "--tpu-type v5p-128 " in gke.xpk_command(args, ["configs/base.yml"])
+    assert [gke.xpk_tpu_type(t) for t in ("v5e-16", "v6e:16x16", "v4-32")] == ["v5litepod-16", "v6e-256", "v4-32"]
