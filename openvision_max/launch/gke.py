@@ -204,6 +204,8 @@ def check_memory(program: pathlib.Path, args: list[str], tpu: str, slices: int) 
             reports.append(json.loads(line)["aot"])
     if proc.returncode != 0 or not reports:
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        if "RESOURCE_EXHAUSTED" in last:   # libtpu itself refuses a program far beyond HBM
+            raise UsageError(f"--check-memory: the train step does not fit in the HBM of a {tpu} chip: {last}")
         raise UsageError(f"--check-memory: the AOT compile for {tpu} x {slices} failed: {last}")
     for r in reports:
         m = r["memory"]

@@ -258,6 +258,13 @@ def test_check_memory_refuses_a_program_that_does_not_fit(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "needs 200.0 GiB per device, more than the 95 GiB HBM of a v5p-8 chip" in proc.stderr
     assert not out.exists()
+    # libtpu refuses a program far beyond HBM in the compile itself (seen with 1.26 TB of temporaries on v5p-8)
+    program.write_text("import sys\nsys.exit('jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory "
+                       "on HBM')\n")
+    proc = run_cli(*base, cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "does not fit in the HBM of a v5p-8 chip: jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED" in proc.stderr
+    assert not out.exists()
     program.write_text(FAKE_AOT.replace('"fits=yes" in " ".join(sys.argv)', "True"))
     proc = run_cli(*base, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
