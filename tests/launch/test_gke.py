@@ -314,9 +314,14 @@ def test_the_pods_command_trains_under_the_local_launcher(tmp_path, started):
     m, container_args, _ = manifest_for("--tpu", "v5p-8", "--image", "i", "--name", "pod-cmd", command=command)
     pod_args = pod_of(m)["spec"]["containers"][0]["args"]
     assert pod_args == container_args
+    # Without the suite's persistent compilation cache: with it warm, these 2 processes of 1 CPU device each
+    # failed 3 runs out of 3 in the first metrics fetch (gloo: "Received data size doesn't match expected size",
+    # 1024 vs 16 bytes), and passed cold or with the cache off. A problem of the multi-process CPU path with a
+    # shared cache, not of the manifest's command; it is reported, not fixed here.
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"JAX_ENABLE_COMPILATION_CACHE": "false"}
     proc = subprocess.Popen([*LAUNCH, "local", "--processes", "2", "--devices-per-process", "1", "--log-dir",
                              str(tmp_path / "logs"), "--timeout", "400", "--", *pod_args],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     started.append(proc)
     out, err = proc.communicate(timeout=450)
