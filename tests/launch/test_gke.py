@@ -336,3 +336,14 @@ def test_a_grid_name_gives_the_same_slice_and_xpk_its_accelerator_type():
     assert by_grid == by_name
     assert "--tpu-type v5p-128 " in gke.xpk_command(args, ["configs/base.yml"])
     assert [gke.xpk_tpu_type(t) for t in ("v5e-16", "v6e:16x16", "v4-32")] == ["v5litepod-16", "v6e-256", "v4-32"]
+
+
+def test_hosts_and_chips_per_host_of_single_and_multi_host_slices():
+    from openvision_max.config import topology
+    shapes = {name: (topology.spec(name).hosts, topology.spec(name).chips_per_host)
+              for name in ("v5p-8", "v4-8", "v5p-256", "v6e-1", "v6e-4", "v6e-8", "v6e-16", "v5e-8", "v5e-256")}
+    assert shapes == {"v5p-8": (1, 4), "v4-8": (1, 4), "v5p-256": (32, 4), "v6e-1": (1, 1), "v6e-4": (1, 4),
+                      "v6e-8": (1, 8), "v6e-16": (4, 4), "v5e-8": (1, 8), "v5e-256": (64, 4)}
+    m = manifest_for("--tpu", "v6e-8", "--image", "i", "--name", "n")[0]
+    assert pod_of(m)["spec"]["containers"][0]["resources"]["limits"] == {"google.com/tpu": 8}
+    assert pod_of(m)["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "2x4"
