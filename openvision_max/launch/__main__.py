@@ -1,6 +1,7 @@
 """`python -m openvision_max.launch SUBCOMMAND [options] -- CONFIG [key=value ...]`
 
-Launchers of the training binary. Subcommands: `local` (N processes on this machine, local_cluster.py).
+Launchers of the training binary. Subcommands: `local` (N processes on this machine, local_cluster.py) and
+`gke` (a JobSet manifest for GKE TPU or GPU node pools, gke.py).
 Everything after the first `--` is the training command's arguments, passed on untouched; the launcher
 parses only what comes before it. Usage errors print one line and exit 2.
 
@@ -15,10 +16,10 @@ import argparse
 import sys
 from typing import Optional
 
-from openvision_max.launch import local_cluster
+from openvision_max.launch import gke, local_cluster
 
 PROG = "python -m openvision_max.launch"
-SUBCOMMANDS = (local_cluster,)
+SUBCOMMANDS = (local_cluster, gke)
 
 
 class Parser(argparse.ArgumentParser):
