@@ -77,7 +77,7 @@ VARIANTS = {
         Variant("aot", (*TINY, *WIDE, "global_batch_size=256", "stage=finetune_224")),
     # The harness on the tiny model: two measured steps each side; one AOT point (one value per swept key).
     "python -m openvision_max.benchmark configs/B16.yml image_size=224 vision.depth=2 text.depth=2 "
-    "global_batch_size=8 --mode measure --vs open_clip": Variant("bench", (*TINY, "--steps", "2", "--warmup", "1")),
+    "global_batch_size=8 --mode measure --vs open_clip": Variant("bench", (*TINY, "--steps", "1", "--warmup", "1")),
     "python -m openvision_max.benchmark configs/L14.yml stage=finetune_224 --mode aot --topology v5p-8 --sweep "
     "remat_policy=full,save_qkv_proj per_device_batch_size=32,64 --pick": Variant("bench", replace=(
         ("stage=finetune_224", " ".join(["stage=finetune_224", *TINY, "scan_layers=false"])),
@@ -177,7 +177,13 @@ def test_benchmark_commands(tmp_path):
     measured, modelled = (run(c, cwd).stdout for c in commands_of("bench"))
     assert "ours / open_clip = " in measured and "measured step" in measured
     assert "modelled MFU" in modelled and "pick L14 (patch 8) @32:" in modelled  # TINY has patch 8
-    assert len(list((tmp_path / "runs" / "benchmarks").glob("*/*.json"))) == 2
+    row = modelled.splitlines()[0]
+    assert "on v5p-8" in row and "modelled step" in row and "measured" not in row
+    points = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs" / "benchmarks").glob("*/*.json")}
+    aot, ours = points["L14"], points["B16"]
+    assert aot["fits"] and 0 < aot["memory_bytes"] < aot["hbm_bytes"] and aot["global_batch_size"] == 2 * 4
+    assert aot["modelled_step_seconds"] > 0 and 0 < aot["modelled_mfu"] <= 1
+    assert 0 < ours["measured_mfu"] <= 1 and ours["vs_open_clip"]["ratio"] > 0
 
 
 def test_aot_command(tmp_path):

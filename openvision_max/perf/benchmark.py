@@ -96,11 +96,12 @@ def sweep_values(specs: Sequence[str]) -> list[dict[str, str]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def _config_of(argv: list[str]) -> Config:
-    """The config of `argv`, with per_device_batch_size=N turned into the global batch of N per batch shard."""
+def _config_of(argv: list[str], num_devices: int | None = None) -> Config:
+    """The config of `argv` (for the first `num_devices` local devices, or all), with per_device_batch_size=N
+    turned into the global batch of N per batch shard."""
     plain = [a for a in argv if not a.startswith(f"{PER_DEVICE_BATCH}=")]
     per_device = [a.partition("=")[2] for a in argv if a.startswith(f"{PER_DEVICE_BATCH}=")]
-    cfg = load_config(plain)
+    cfg = load_config(plain, num_devices=num_devices)
     if not per_device:
         return cfg
     try:
@@ -109,7 +110,7 @@ def _config_of(argv: list[str]) -> Config:
         raise ConfigError(f"{PER_DEVICE_BATCH}={per_device[-1]!r} is not an integer") from None
     if n <= 0:
         raise ConfigError(f"{PER_DEVICE_BATCH} must be positive, got {n}")
-    return load_config([*plain, f"global_batch_size={n * cfg.derived.batch_shards}"])
+    return load_config([*plain, f"global_batch_size={n * cfg.derived.batch_shards}"], num_devices=num_devices)
 
 
 def mode_overrides(args: argparse.Namespace) -> list[str]:
@@ -126,6 +127,8 @@ def point_key(cfg: Config, args: argparse.Namespace) -> str:
     resolved.pop("run_name", None)
     settings = {"mode": args.mode, "topology": args.topology, "slices": args.slices, "steps": args.steps,
                 "warmup": args.warmup, "vs": args.vs}
+    if args.devices:  # only when given, so that points cached before the option existed stay valid
+        settings["devices"] = args.devices
     blob = json.dumps({"config": resolved, "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -137,7 +140,7 @@ def build_points(args: argparse.Namespace) -> list[Point]:
     for values in sweep_values(args.sweep):
         argv = [args.config, *args.overrides, *mode_overrides(args), *(f"{k}={v}" for k, v in values.items())]
         try:
-            cfg = _config_of(argv)
+            cfg = _config_of(argv, args.devices or None)
         except ConfigError as e:
             where = " ".join(f"{k}={v}" for k, v in values.items())
             raise ConfigError(f"{e} (sweep point {where})" if where else str(e)) from None
@@ -256,12 +259,16 @@ def run_measure(cfg: Config, *, steps: int, warmup: int, vs: str | None) -> dict
             times[name].append(timed(step))
     step_s = statistics.median(times["ours"])
     peak, peak_source = peak_flops.peak_flops_per_device(cfg.dtype)
+    # Fake CPU devices share the host's cores, and one of them alone uses all of them: on CPU the whole host's
+    # peak is the denominator, however many of its devices the step runs on.
+    import jax
+    devices_peak = peak * (jax.local_device_count() if cfg.derived.platform == "cpu" else cfg.derived.num_devices)
     model_flops = flops.flops_per_sample(cfg)["train_total"] * cfg.global_batch_size
     result = {
         "fits": True, "step_times_s": times["ours"], "step_seconds": step_s,
         "samples_per_second": cfg.global_batch_size / step_s, "model_flops_per_step": model_flops,
         "peak_flops_per_device": peak, "peak_source": peak_source,
-        "measured_mfu": model_flops / step_s / (peak * cfg.derived.num_devices),
+        "measured_mfu": model_flops / step_s / devices_peak,
         "memory_bytes": peak_memory_bytes(), "compile_s": ours.compile_s, "dot_forms": ours.dot_forms,
     }
     if theirs is not None:
@@ -281,7 +288,7 @@ def describe_target(cfg: Config, args: argparse.Namespace) -> str:
     if args.mode == "aot":
         return f"{args.topology} x{args.slices}" if args.slices > 1 else args.topology
     import jax
-    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    return f"{cfg.derived.num_devices} x {jax.devices()[0].device_kind}"
 
 
 def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
@@ -411,6 +418,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=1, help="aot: the number of slices (multi-slice over DCN)")
     p.add_argument("--sweep", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="config keys to sweep (cartesian product), e.g. remat_policy=full,minimal")
+    p.add_argument("--devices", type=int, default=0,
+                   help="measure: run on the first N local devices (default: all of them)")
     p.add_argument("--steps", type=int, default=10, help="measure: timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="measure: untimed steps first (compile, caches)")
     p.add_argument("--vs", choices=["open_clip"], default=None,
@@ -425,6 +434,10 @@ def parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.mode == "aot" and not args.topology:
         raise UsageError("--mode aot needs --topology (e.g. --topology v5p-8)")
+    if args.devices and args.mode != "measure":
+        raise UsageError("--devices is for --mode measure (--mode aot takes the topology's devices)")
+    if args.devices < 0:
+        raise UsageError("--devices must be >= 0")
     if args.mode == "measure" and (args.topology or args.slices != 1):
         raise UsageError("--topology and --slices are for --mode aot; --mode measure uses this machine's devices")
     if args.vs and args.mode != "measure":

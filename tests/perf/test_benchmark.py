@@ -1,5 +1,5 @@
-"""The MFU harness: sweeps cached point by point, --pick, measured MFU and step time on CPU, an AOT point, the
-family table's files, usage errors."""
+"""The MFU harness: sweeps cached point by point, --pick, measured MFU and step time on CPU, the family table's
+files, usage errors. An AOT point through the command line: tests/test_readme.py::test_benchmark_commands."""
 
 import json
 import statistics
@@ -11,7 +11,8 @@ from openvision_max.perf import benchmark, family
 
 from conftest import CONFIGS, TINY
 
-MEASURE = [str(CONFIGS / "base.yml"), *TINY, "--mode", "measure", "--steps", "4", "--warmup", "1"]
+# One of the 8 fake devices: the cheapest compile (the harness's mesh code is the trainer's, tested elsewhere).
+MEASURE = [str(CONFIGS / "base.yml"), *TINY, "--mode", "measure", "--devices", "1", "--steps", "4", "--warmup", "1"]
 
 
 def test_a_sweep_caches_each_point_and_a_rerun_measures_none(tmp_path, capsys, monkeypatch):
@@ -49,17 +50,6 @@ def test_pick_takes_the_fitting_point_with_the_highest_mfu():
                point("L14", 0.60, True, res=336), point("B16", None, True), point("B16", 0.30, True)]
     best = benchmark.pick(results)
     assert best == {"L14 @224": results[2], "L14 @336": results[3], "B16 @224": results[5]}
-
-
-def test_an_aot_point_is_labelled_modelled(tmp_path, capsys):
-    """The tiny model for v5p-8 through the harness: memory per chip, fits, and the modelled figures."""
-    sweep = benchmark.main([str(CONFIGS / "base.yml"), *TINY, "scan_layers=false", "per_device_batch_size=4",
-                            "--mode", "aot", "--topology", "v5p-8", "--output-dir", str(tmp_path)])
-    (r,) = sweep.results
-    assert r["fits"] and 0 < r["memory_bytes"] < r["hbm_bytes"] and r["global_batch_size"] == 16
-    assert r["modelled_step_seconds"] > 0 and 0 < r["modelled_mfu"] <= 1
-    row = capsys.readouterr().out.splitlines()[0]
-    assert "v5p-8" in row and "modelled step" in row and "modelled MFU" in row and "measured" not in row
 
 
 def test_dot_forms_name_the_operand_and_result_types():
