@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --no-compile -e .
 	touch $(STAMP)
 
 # Test tools, the `export` extra (torch, open_clip: the export parity tests are part of the suite) and `viz`
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install-test: $(STAMP_TEST)
 
 $(STAMP_TEST): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[test,export,viz]"
+	$(PY) -m pip install --quiet --no-compile -e ".[test,export,viz]"
 	touch $(STAMP_TEST)
 
 test: install-test

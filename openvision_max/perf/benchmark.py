@@ -122,9 +122,11 @@ def mode_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def point_key(cfg: Config, args: argparse.Namespace) -> str:
-    """What a cached point is valid for: the resolved config (less its run name) and how it is measured."""
+    """What a cached point is valid for: the resolved config and how it is measured. Less the keys that name
+    where a run writes (which differ between checkouts and change no figure), so that cached points travel."""
     resolved = config_to_dict(cfg)
-    resolved.pop("run_name", None)
+    for key in ("run_name", "base_output_directory", "data_cache_dir", "export_dir"):
+        resolved.pop(key, None)
     settings = {"mode": args.mode, "topology": args.topology, "slices": args.slices, "steps": args.steps,
                 "warmup": args.warmup, "vs": args.vs}
     if args.devices:  # only when given, so that points cached before the option existed stay valid
