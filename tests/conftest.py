@@ -8,6 +8,8 @@ cache is keyed by the program, its compile options and the JAX version, so it ch
 
 import os
 import pathlib
+import signal
+import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,3 +53,18 @@ SLOW_FIRST = ("test_multihost.py", "test_readme.py", "test_evals.py", "test_gcs_
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+@pytest.fixture
+def processes():
+    """Popen objects (started with start_new_session=True) killed by process group when the test ends, however
+    it ends."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()

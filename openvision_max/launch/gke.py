@@ -60,6 +60,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from openvision_max.launch.local_cluster import positive_int
+
 PROG = "python -m openvision_max.launch gke"
 TRAIN_PY = pathlib.Path(__file__).resolve().parents[2] / "train.py"
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
@@ -102,16 +104,6 @@ Prints the manifest's path, `kubectl apply -f <path>` and the equivalent `xpk wo
 
 class UsageError(Exception):
     """A problem with the launcher's own arguments or the training command: one line, exit 2."""
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -292,21 +291,7 @@ def test_the_example_manifest_is_the_launchers_output():
     assert EXAMPLE.read_text() == proc.stdout, "regenerate docker/gke-jobset.yaml (see this test's docstring)"
 
 
-@pytest.fixture
-def started():
-    """Popen objects killed (by process group) when the test ends, however it ends."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-
-
-def test_the_pods_command_trains_under_the_local_launcher(tmp_path, started):
+def test_the_pods_command_trains_under_the_local_launcher(tmp_path, processes):
     """The args a v5p-8 manifest gives its one host (4 chips), run by the local launcher as that host: one
     process. (Two processes of the same command: test_multihost's runs and the launcher's own
     tests; here the suite's time goes to the command, not to more processes.)"""
@@ -321,7 +306,7 @@ def test_the_pods_command_trains_under_the_local_launcher(tmp_path, started):
                              str(tmp_path / "logs"), "--timeout", "400", "--", *pod_args],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    started.append(proc)
+    processes.append(proc)
     out, err = proc.communicate(timeout=450)
     assert proc.returncode == 0, err[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "pod-cmd" / "metrics.jsonl").read_text().splitlines()]

@@ -22,20 +22,6 @@ from conftest import CONFIGS, ROOT, TINY
 MESH = ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]
 
 
-@pytest.fixture
-def processes():
-    """Popen objects to kill (group-wise) when the test ends, however it ends."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-
-
 def demo_digits(tmp_path):
     """The demo's handwritten digits (train shards, test set with its ten classes), generated in tmp_path."""
     from openvision_max.data import demo_data
