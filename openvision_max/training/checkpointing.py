@@ -11,10 +11,12 @@ them to the next step at once, and the files are written by a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -22,6 +24,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from openvision_max.faults import hooks
+from openvision_max.mesh import distributed
 
 # The store behind Orbax's default jax.Array handler (array write shapes, random-key types); no public name in 0.12.
 from orbax.checkpoint._src.metadata import array_metadata_store
@@ -37,14 +42,56 @@ class CheckpointError(ValueError):
     """No usable checkpoint where one was expected, or one that does not fit the model."""
 
 
+class UnusableCheckpoint(RuntimeError):
+    """A complete checkpoint that cannot be read back (a truncated array file, a deleted item): the caller sets
+    it aside and resumes from an older one."""
+
+    def __init__(self, step: int, reason: str, details: str = ""):
+        super().__init__(f"checkpoint {step} is unusable: {reason}")
+        self.step, self.reason, self.details = step, reason, details
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost bucket): the run stops; older ones are intact."""
+
+
+UNUSABLE = ".unusable"  # suffix of a step directory set aside as unreadable (kept for inspection)
+# What a damaged checkpoint raises when read: TensorStore's and JSON's ValueErrors, Orbax's KeyError for a
+# missing item, file errors. CheckpointError (a ValueError) is a checkpoint that does not fit the model: a
+# config problem, never a reason to fall back.
+_READ_ERRORS = (ValueError, KeyError, OSError)
+
+
+def _drop_closed_loop_noise(unraisable, previous=sys.unraisablehook) -> None:
+    """Python's hook for exceptions nobody can catch, less one: when a TensorStore read fails, the reads still in
+    flight complete into Orbax's closed event loop and each reports 'Event loop is closed' (one traceback per
+    array, after the failure itself was raised and reported)."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    previous(unraisable)
+
+
+sys.unraisablehook = _drop_closed_loop_noise
+
+
+def _short(error: BaseException) -> str:
+    """The part of a TensorStore/Orbax error a person needs (their messages carry whole JSON specs)."""
+    text = str(error).split(" [tensorstore_spec=")[0]
+    if "os_error_code='28'" in text or getattr(error, "errno", None) == 28:
+        return "no space left on device (" + text[:200] + ")"
+    return text[:300]
+
+
 class _QuietOrbax(logging.Filter):
-    """Drops Orbax's own log records below ERROR (dozens of lines per save at INFO; benign warnings).
+    """Drops Orbax's own log records (dozens of lines per save at INFO; benign warnings; and, for a failed save,
+    the same traceback from each of its threads: the failure itself reaches the trainer, which says it once).
 
     Orbax logs through absl's logger, which other libraries share, so records are told apart by their source file.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+        return record.levelno >= logging.CRITICAL or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
@@ -67,7 +114,7 @@ def _manager(directory: epath.Path, *, read_only: bool, max_to_keep: int | None 
     return ocp.CheckpointManager(
         directory, options=options,
         item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
-                       "meta": ocp.JsonCheckpointHandler()})
+                       "meta": hooks.meta_handler()})  # Orbax's JSON handler, unless a fault test slows it
 
 
 def abstract_like(tree: Any) -> Any:
@@ -104,6 +151,8 @@ class Checkpointer:
             raise ValueError(f"checkpoint period must be positive, got {period}")
         self.directory = epath.Path(directory)
         self._manager = _manager(self.directory, read_only=False, max_to_keep=max_to_keep, period=period)
+        self._writing: int | None = None  # the step of the save last started (it may still be in flight)
+        self._failed = False
 
     def latest_step(self) -> int | None:
         """The newest checkpoint's step: at start-up, of complete checkpoints only (None if there are none)."""
@@ -124,37 +173,96 @@ class Checkpointer:
             return False  # already saved (say by the periodic save of the last step)
         json.dumps(meta)  # a TypeError here, rather than in the background thread
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
-        return self._manager.save(step, args=args, force=force)
+        with self._reporting_failures():  # the previous save's failure comes out here
+            started = self._manager.save(step, args=args, force=force)
+        if started:
+            self._writing = step
+        return started
+
+    @contextlib.contextmanager
+    def _reporting_failures(self):
+        """Turns an error from Orbax's writer into SaveFailed naming the step and the last complete one."""
+        try:
+            yield
+        except (ValueError, OSError, RuntimeError) as e:
+            if isinstance(e, SaveFailed):
+                raise
+            self._failed = True
+            complete = [s for s in self._manager.all_steps() if s != self._writing]
+            last = f"step {max(complete)}" if complete else "none"
+            raise SaveFailed(f"checkpoint {self._writing} could not be written to {self.directory}: {_short(e)}; "
+                             f"the last complete checkpoint ({last}) is intact and a restart resumes from it") from e
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Checkpoint `step` as (state, meta); the state takes the structure, dtypes and shardings of
         `abstract_state` (ShapeDtypeStructs with `.sharding`), so it lands sharded on the current mesh."""
         if step not in self._manager.all_steps():
             raise CheckpointError(f"no complete checkpoint at {self.directory / str(step)}")
-        _check_fits(self._manager.item_metadata(step)["state"].tree, abstract_state, str(self.directory / str(step)))
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
-            meta=ocp.args.JsonRestore()))
+        try:
+            saved = self._manager.item_metadata(step)["state"].tree
+        except _READ_ERRORS as e:
+            raise UnusableCheckpoint(step, _short(e), repr(e)) from e
+        _check_fits(saved, abstract_state, str(self.directory / str(step)))
+        restored, error = None, None
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+                meta=ocp.args.JsonRestore()))
+        except _READ_ERRORS as e:
+            error = e
+        # Hosts read different shards: if any could not, all fall back together.
+        if distributed.sum_over_processes({"unreadable": float(error is not None)})["unreadable"]:
+            raise UnusableCheckpoint(step, _short(error) if error else "another host could not read it",
+                                     repr(error))
         return restored.state, restored.meta
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         """Only the JSON `meta` of checkpoint `step` (which stage it belongs to), without reading arrays."""
         if step not in self._manager.all_steps():
             raise CheckpointError(f"no complete checkpoint at {self.directory / str(step)}")
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except _READ_ERRORS as e:
+            raise UnusableCheckpoint(step, _short(e), repr(e)) from e
+
+    def set_aside(self, step: int, details: str = "") -> epath.Path:
+        """Renames unusable checkpoint `step` to `<step>.unusable` (kept, out of Orbax's way: a new save of that
+        step must not collide with it), with `details` of the failure in its restore-error.txt; returns the new
+        path. Collective on several hosts."""
+        target = self.directory / f"{step}{UNUSABLE}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+            if details:
+                (target / "restore-error.txt").write_text(details)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self._manager.reload()
+        return target
+
+    def set_aside_steps(self) -> list[str]:
+        """The names of the step directories set aside as unusable, by this run or an earlier one."""
+        if not self.directory.exists():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if p.name.endswith(UNUSABLE))
 
     def wait(self) -> None:
         """Blocks until the save in progress (if any) is complete on disk; raises its error if it failed."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        with self._reporting_failures():
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
 
     def close(self) -> None:
         """Waits for the save in progress, then releases Orbax's threads. Call it before the process exits."""
         try:
-            self.wait()
+            if not self._failed:  # a failed save was reported once; waiting would raise it again
+                self.wait()
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except (ValueError, OSError, RuntimeError):
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> Checkpointer:
         return self

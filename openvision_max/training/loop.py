@@ -13,6 +13,7 @@ from openvision_max import data as data_lib
 from openvision_max import models
 from openvision_max.config.schema import Config
 from openvision_max.evals.runner import EvalRunner
+from openvision_max.faults import hooks
 from openvision_max.mesh import distributed
 from openvision_max.mesh.sharding import activate, create_mesh
 from openvision_max.models import flops
@@ -57,6 +58,9 @@ def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointe
     abstract = abstract_state(model, tx, cfg, mesh)
     if resume is not None:
         state, meta = ckpt.restore(resume.step, abstract)
+        # A checkpoint taken inside a run of bad steps holds the saturated counter, which would freeze every
+        # update after the resume; whether to stop was decided (and said) when those steps were logged.
+        state = state.replace(nonfinite_in_a_row=state.nonfinite_in_a_row * 0)
         _say_if_schedule_changed(cfg, meta.get("schedule"), int(state.step))
         return state, _own_data_state(meta, resume.step)
     if params is None and params_path:
@@ -134,6 +138,7 @@ def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, 
     if data_state is not None:
         data.set_state(data_state)
     start = int(state.step)
+    data = hooks.log_keys(data, start)  # the iterator itself unless a fault test records the keys read
     timer = StepTimer(cfg, peak, start)
     pending = None  # (step, device metrics) of the previous step: fetched one step late
     for step in range(start + 1, cfg.steps + 1):

@@ -51,11 +51,27 @@ class Resume:
 
 
 def find_resume(ckpt: checkpointing.Checkpointer) -> Resume | None:
-    step = ckpt.latest_step()
-    if step is None:
-        return None
-    meta = ckpt.restore_meta(step)
-    return Resume(step=step, stage_index=int(meta["stage_index"]), stage_step=int(meta["stage_step"]))
+    """The newest complete checkpoint whose meta reads back (unreadable ones are set aside, newest first);
+    None for a new run. A run whose every checkpoint was set aside is refused rather than started over."""
+    while (step := ckpt.latest_step()) is not None:
+        try:
+            meta = ckpt.restore_meta(step)
+        except checkpointing.UnusableCheckpoint as e:
+            set_aside(ckpt, e)
+            continue
+        return Resume(step=step, stage_index=int(meta["stage_index"]), stage_step=int(meta["stage_step"]))
+    unusable = ckpt.set_aside_steps()
+    if unusable:
+        raise checkpointing.CheckpointError(
+            f"no usable checkpoint in {ckpt.directory}: {', '.join(unusable)} could not be read back; not "
+            "starting the run over on top of them (move that directory away, or pick another run_name, to start "
+            "a new run)")
+    return None
+
+
+def set_aside(ckpt: checkpointing.Checkpointer, e: checkpointing.UnusableCheckpoint) -> None:
+    moved = ckpt.set_aside(e.step, e.details)
+    say(f"warning: {e}; set aside as {moved}, falling back to the previous complete checkpoint")
 
 
 def preflight(stages: list[Config]) -> None:
@@ -102,32 +118,42 @@ def train(stages: list[Config]) -> epath.Path:
     ckpt = checkpointing.Checkpointer(run_dir / "checkpoints", max_to_keep=first.max_checkpoints_to_keep,
                                       period=first.checkpoint_period)
     guard = checkpointing.PreemptionGuard()
-    resume = find_resume(ckpt)
-    if resume:
-        say(f"resuming from checkpoint step {resume.step} (stage {resume.stage_index}, "
-            f"step {resume.stage_step} of it)")
-    params: Any = None  # the previous stage's parameters
     try:
-        for cfg in stages:
-            stage_resume = resume if resume and resume.stage_index == cfg.derived.stage_index else None
-            if resume and (cfg.derived.stage_index < resume.stage_index
-                           or (stage_resume and stage_resume.stage_step >= cfg.steps)):
-                say(f"stage {cfg.derived.stage_name}: already complete")
-                continue
-            # A stage starts from the previous stage's parameters: in memory, or in the checkpoint that
-            # finished it when the run restarted in between; the first stage from load_parameters_path.
-            params_path = cfg.load_parameters_path
-            if params is None and resume and resume.stage_index < cfg.derived.stage_index:
-                params_path = str(ckpt.directory / str(resume.step))
-            result: StageResult = run_stage(cfg, ckpt, guard, writer, peak, params, params_path, stage_resume)
-            if result.preempted:
-                return run_dir
-            params = result.params
-        print_summary(run_dir, writer.last_evals)
+        while True:
+            try:
+                return run_stages(stages, run_dir, ckpt, guard, writer, peak, find_resume(ckpt))
+            except checkpointing.UnusableCheckpoint as e:  # found only when its arrays were read
+                set_aside(ckpt, e)
     finally:
         ckpt.close()
         guard.close()
         writer.close()
+
+
+def run_stages(stages: list[Config], run_dir: epath.Path, ckpt: checkpointing.Checkpointer,
+               guard: checkpointing.PreemptionGuard, writer: MetricsWriter, peak: float,
+               resume: Resume | None) -> epath.Path:
+    """Every stage of the run from `resume` (None: from the start)."""
+    if resume:
+        say(f"resuming from checkpoint step {resume.step} (stage {resume.stage_index}, "
+            f"step {resume.stage_step} of it)")
+    params: Any = None  # the previous stage's parameters
+    for cfg in stages:
+        stage_resume = resume if resume and resume.stage_index == cfg.derived.stage_index else None
+        if resume and (cfg.derived.stage_index < resume.stage_index
+                       or (stage_resume and stage_resume.stage_step >= cfg.steps)):
+            say(f"stage {cfg.derived.stage_name}: already complete")
+            continue
+        # A stage starts from the previous stage's parameters: in memory, or in the checkpoint that
+        # finished it when the run restarted in between; the first stage from load_parameters_path.
+        params_path = cfg.load_parameters_path
+        if params is None and resume and resume.stage_index < cfg.derived.stage_index:
+            params_path = str(ckpt.directory / str(resume.step))
+        result: StageResult = run_stage(cfg, ckpt, guard, writer, peak, params, params_path, stage_resume)
+        if result.preempted:
+            return run_dir
+        params = result.params
+    print_summary(run_dir, writer.last_evals)
     return run_dir
 
 
@@ -178,7 +204,7 @@ def main(argv: list[str]) -> None:
     except checkpointing.CheckpointError as e:  # e.g. a wrong load_parameters_path: bad input, exit 2
         print(f"train.py: checkpoint error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingStopped as e:
+    except (TrainingStopped, checkpointing.SaveFailed) as e:  # the run cannot go on; its checkpoints can
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(1)
 

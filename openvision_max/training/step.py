@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from openvision_max import models
 from openvision_max.config.schema import Config
+from openvision_max.faults import hooks
 from openvision_max.mesh import sharding
 from openvision_max.models.inputs import normalize_images
 from openvision_max.training import losses, optimizer
@@ -118,6 +119,7 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config,
     else:
         grad_fn = jax.value_and_grad(functools.partial(loss_fn, model, cfg), has_aux=True)
         (loss, parts), grads = grad_fn(state.params, batch)
+    grads = hooks.poison_gradients(grads, state.step)  # the identity unless a fault test asks for NaN
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

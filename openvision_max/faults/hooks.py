@@ -1,0 +1,84 @@
+"""Test-only fault hooks, switched on by the environment variable OPENVISION_FAULTS (a JSON object); without
+it every hook is the identity and the trainer's programs are the ones it always compiles.
+
+    nan_gradients: [first_step, count]  the gradients of steps first_step .. first_step+count-1 (1-based, as
+                                        logged) are NaN: the step's non-finite guard must skip them
+    slow_save_s: seconds                every checkpoint's meta item is written that long after its save
+                                        started (in Orbax's commit thread), so a kill can land inside a save
+    key_log: path                       each train batch's record keys are appended to `path` as JSON lines
+                                        {"pid", "step", "keys"} (the loss accounting of benchmarks/faults.py)
+
+Not a user feature: none of this is in the config, and the hooks are read when the trainer builds its step,
+checkpointer and data iterator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+ENV = "OPENVISION_FAULTS"
+
+
+def active() -> dict[str, Any]:
+    """The faults asked for in OPENVISION_FAULTS ({} when unset)."""
+    text = os.environ.get(ENV, "")
+    return json.loads(text) if text else {}
+
+
+def poison_gradients(grads: Any, step: Any) -> Any:
+    """`grads` with NaN in every leaf at the steps `nan_gradients` names; `step` is the state's step before the
+    update (0-based), traced. Without the fault, `grads` itself (nothing enters the compiled step)."""
+    window = active().get("nan_gradients")
+    if not window:
+        return grads
+    import jax
+    import jax.numpy as jnp
+    first, count = int(window[0]), int(window[1])
+    bad = (step + 1 >= first) & (step + 1 < first + count)
+    return jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
+
+
+def meta_handler():
+    """Orbax's JSON handler for a checkpoint's `meta` item; with `slow_save_s`, one that waits before writing."""
+    import orbax.checkpoint as ocp
+    delay = float(active().get("slow_save_s", 0))
+    if not delay:
+        return ocp.JsonCheckpointHandler()
+
+    class SlowJsonHandler(ocp.JsonCheckpointHandler):
+        async def _save_fn(self, x, directory):
+            time.sleep(delay)  # in the commit thread: the train loop goes on meanwhile, as with a slow store
+            await super()._save_fn(x, directory)
+
+    return SlowJsonHandler()
+
+
+class _KeyLog:
+    """A data iterator that appends the record keys of each batch it hands out to a JSON-lines file."""
+
+    def __init__(self, inner, path: str, first_step: int):
+        self._inner, self._path, self._step = inner, path, first_step
+
+    def __next__(self):
+        batch = next(self._inner)
+        self._step += 1
+        with open(self._path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "step": self._step, "keys": self._inner.last_keys}) + "\n")
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def log_keys(data, start_step: int):
+    """`data`, or with `key_log` a wrapper recording the keys of steps start_step+1, start_step+2, ..."""
+    path = active().get("key_log")
+    if not path or not hasattr(data, "last_keys"):
+        return data
+    return _KeyLog(data, path, start_step)
