@@ -184,6 +184,9 @@ def _fill_mesh(shape: tuple[int, ...], total: int, kind: str) -> tuple[int, ...]
 
 
 def _check_model(cfg: Config) -> None:
+    for key in ("image_size", "patch_size", "embed_dim", "vocab_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     remainder = cfg.image_size % cfg.patch_size
     if remainder and not cfg.drop_partial_patches:
         raise ConfigError(
@@ -192,12 +195,12 @@ def _check_model(cfg: Config) -> None:
             "as SoViT-400m/14 does at 384)")
     for name in ("vision", "text", "decoder"):
         tower = getattr(cfg, name)
-        if tower.width % tower.num_heads:
-            raise ConfigError(
-                f"{name}.width={tower.width} is not divisible by {name}.num_heads={tower.num_heads}")
         for key in ("width", "depth", "mlp_dim", "num_heads"):
             if getattr(tower, key) <= 0:
                 raise ConfigError(f"{name}.{key} must be positive, got {getattr(tower, key)}")
+        if tower.width % tower.num_heads:
+            raise ConfigError(
+                f"{name}.width={tower.width} is not divisible by {name}.num_heads={tower.num_heads}")
     if cfg.vision.width % 4 or cfg.vision.width < 8:
         raise ConfigError(
             f"vision.width={cfg.vision.width} must be a multiple of 4 and at least 8 "
@@ -218,9 +221,16 @@ EVAL_OPTIONS = {
 }
 
 
-def _check_loss(cfg: Config) -> None:
+def _check_loss(cfg: Config) -> None:  # and the optimiser
     if cfg.logit_scale_init is not None and cfg.logit_scale_init <= 0:
         raise ConfigError(f"logit_scale_init must be positive, got {cfg.logit_scale_init}")
+    for key in ("contrastive_weight", "caption_weight", "base_lr", "weight_decay", "grad_clip_norm", "adam_eps",
+                "warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("adam_b1", "adam_b2"):  # a decay of 1 never forgets its first value; above 1 it diverges
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
 
 
 def _check_data(cfg: Config) -> None:
@@ -255,6 +265,9 @@ def _check_data(cfg: Config) -> None:
 
 
 def _check_backend(cfg: Config, platform: str) -> None:
+    for key in ("jax_distributed_initialization_timeout", "compile_topology_num_slices"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     available = ATTENTION_AVAILABLE[platform]
     if cfg.attention not in available:
         raise ConfigError(
