@@ -162,20 +162,10 @@ def truncate_an_array_file(step_dir: pathlib.Path) -> pathlib.Path:
     return files[-1]
 
 
-def state_bytes(args: list[str]) -> int:
-    """Bytes of the train state (parameters and optimiser) of a fault run's config: what one checkpoint holds."""
-    import jax
-
-    from openvision_max import models
-    from openvision_max.config import load_config
-    from openvision_max.mesh.sharding import create_mesh
-    from openvision_max.training import optimizer
-    from openvision_max.training.step import abstract_state
-    cfg = load_config([a for a in args if not a.startswith(("base_output_directory=", "run_name="))],
-                      platform="cpu", num_devices=1)
-    mesh = create_mesh(cfg)
-    state = abstract_state(models.build(cfg), optimizer.build(cfg), cfg, mesh)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+def tree_bytes(path: pathlib.Path) -> int:
+    """Bytes of the files under `path` (a checkpoint's size on disk: TensorStore compresses, so a state's
+    array bytes do not say it)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def can_mount_tmpfs() -> str:

@@ -48,12 +48,16 @@ def meta_handler():
     if not delay:
         return ocp.JsonCheckpointHandler()
 
-    class SlowJsonHandler(ocp.JsonCheckpointHandler):
-        async def _save_fn(self, x, directory):
-            time.sleep(delay)  # in the commit thread: the train loop goes on meanwhile, as with a slow store
-            await super()._save_fn(x, directory)
+    # Orbax picks a handler for JsonSaveArgs by its exact class, so the instance's writer is wrapped instead.
+    handler = ocp.JsonCheckpointHandler()
+    write = handler._save_fn
 
-    return SlowJsonHandler()
+    async def slow_write(x, directory):
+        time.sleep(delay)  # in the commit thread: the train loop goes on meanwhile, as with a slow store
+        await write(x, directory)
+
+    handler._save_fn = slow_write
+    return handler
 
 
 class _KeyLog:

@@ -56,10 +56,11 @@ class SaveFailed(RuntimeError):
 
 
 UNUSABLE = ".unusable"  # suffix of a step directory set aside as unreadable (kept for inspection)
-# What a damaged checkpoint raises when read: TensorStore's and JSON's ValueErrors, Orbax's KeyError for a
-# missing item, file errors. CheckpointError (a ValueError) is a checkpoint that does not fit the model: a
-# config problem, never a reason to fall back.
-_READ_ERRORS = (ValueError, KeyError, OSError)
+def _unreadable(error: Exception) -> bool:
+    """Whether a restore failed on the checkpoint's bytes: TensorStore's ValueErrors (and Orbax's bare Exception
+    around them), JSON errors, a KeyError for a missing item, file errors. Not a device out of memory, and not
+    CheckpointError (a checkpoint that does not fit the model: a config problem, never a reason to fall back)."""
+    return not isinstance(error, CheckpointError) and "out of memory" not in str(error).lower()
 
 
 def _drop_closed_loop_noise(unraisable, previous=sys.unraisablehook) -> None:
@@ -173,24 +174,29 @@ class Checkpointer:
             return False  # already saved (say by the periodic save of the last step)
         json.dumps(meta)  # a TypeError here, rather than in the background thread
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
-        with self._reporting_failures():  # the previous save's failure comes out here
+        with self._reporting_failures(step):  # or the previous save's failure, which comes out here
             started = self._manager.save(step, args=args, force=force)
         if started:
             self._writing = step
         return started
 
     @contextlib.contextmanager
-    def _reporting_failures(self):
-        """Turns an error from Orbax's writer into SaveFailed naming the step and the last complete one."""
+    def _reporting_failures(self, step: int | None = None):
+        """Turns an error from Orbax's writer into SaveFailed naming the failed step (the one in flight, else
+        `step`, the one starting) and the last complete one."""
         try:
             yield
-        except (ValueError, OSError, RuntimeError) as e:
+        except Exception as e:
             if isinstance(e, SaveFailed):
                 raise
             self._failed = True
+            # The failed save's other write tasks are reported again by asyncio when they are collected.
+            logging.getLogger("asyncio").addFilter(
+                lambda record: not record.getMessage().startswith("Task exception was never retrieved"))
             complete = [s for s in self._manager.all_steps() if s != self._writing]
+            failed = self._writing if self._writing is not None and self._writing not in complete else step
             last = f"step {max(complete)}" if complete else "none"
-            raise SaveFailed(f"checkpoint {self._writing} could not be written to {self.directory}: {_short(e)}; "
+            raise SaveFailed(f"checkpoint {failed} could not be written to {self.directory}: {_short(e)}; "
                              f"the last complete checkpoint ({last}) is intact and a restart resumes from it") from e
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -200,7 +206,9 @@ class Checkpointer:
             raise CheckpointError(f"no complete checkpoint at {self.directory / str(step)}")
         try:
             saved = self._manager.item_metadata(step)["state"].tree
-        except _READ_ERRORS as e:
+        except Exception as e:
+            if not _unreadable(e):
+                raise
             raise UnusableCheckpoint(step, _short(e), repr(e)) from e
         _check_fits(saved, abstract_state, str(self.directory / str(step)))
         restored, error = None, None
@@ -209,7 +217,9 @@ class Checkpointer:
                 state=ocp.args.PyTreeRestore(
                     abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
                 meta=ocp.args.JsonRestore()))
-        except _READ_ERRORS as e:
+        except Exception as e:
+            if not _unreadable(e):
+                raise
             error = e
         # Hosts read different shards: if any could not, all fall back together.
         if distributed.sum_over_processes({"unreadable": float(error is not None)})["unreadable"]:
@@ -223,7 +233,9 @@ class Checkpointer:
             raise CheckpointError(f"no complete checkpoint at {self.directory / str(step)}")
         try:
             return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except _READ_ERRORS as e:
+        except Exception as e:
+            if not _unreadable(e):
+                raise
             raise UnusableCheckpoint(step, _short(e), repr(e)) from e
 
     def set_aside(self, step: int, details: str = "") -> epath.Path:
@@ -260,7 +272,7 @@ class Checkpointer:
         finally:
             try:
                 self._manager.close()
-            except (ValueError, OSError, RuntimeError):
+            except Exception:
                 if not self._failed:
                     raise
 

@@ -35,16 +35,20 @@ OUT_OF_RANGE = {
 }
 BROKEN_YAML = ["[1, 2", "{a: ", "a: b: c", "[", "}", "'unclosed", "- - -\n  x: [", "{a: 1, a: 2"]
 
+def assign(pair):
+    return [f"{pair[0]}={pair[1]}"]
+
+
 unknown_key = st.from_regex(r"[a-z][a-z_]{2,14}", fullmatch=True).filter(lambda k: k not in FIELDS)
 bad_lines = st.one_of(
     unknown_key.map(lambda k: [f"{k}=1"]),
     st.tuples(st.sampled_from(["vision", "text", "decoder"]), unknown_key).map(lambda t: [f"{t[0]}.{t[1]}=4"]),
     st.tuples(st.sampled_from(NUMBERS), st.sampled_from(["abc", "[1, 2]", "{a: 1}", "true", "''", "1e"]))
-    .map(lambda t: [f"{t[0]}={t[1]}"]),
-    st.tuples(st.sampled_from(BOOLS), st.sampled_from(["maybe", "2", "[true]", "{}"])).map(lambda t: [f"{t[0]}={t[1]}"]),
+    .map(assign),
+    st.tuples(st.sampled_from(BOOLS), st.sampled_from(["maybe", "2", "[true]", "{}"])).map(assign),
     st.tuples(st.sampled_from(CHOICES), st.sampled_from(["bogus", "1", "[flash]", "FLOAT32"]))
-    .map(lambda t: [f"{t[0]}={t[1]}"]),
-    st.sampled_from(sorted(OUT_OF_RANGE)).flatmap(lambda k: st.sampled_from(OUT_OF_RANGE[k]).map(lambda v: [f"{k}={v}"])),
+    .map(assign),
+    st.sampled_from([(k, v) for k in sorted(OUT_OF_RANGE) for v in OUT_OF_RANGE[k]]).map(assign),
     st.tuples(st.sampled_from(["vision", "text", "decoder"]), st.sampled_from(TOWER_INTS), st.sampled_from([0, -2]))
     .map(lambda t: [f"{t[0]}.{t[1]}={t[2]}"]),
     # Wrong nesting: a tower as a scalar, a scalar as a mapping, a key below a scalar.
@@ -62,7 +66,7 @@ bad_lines = st.one_of(
                                                                         "steps: 10}]"], ["stages=[3]"],
                      ["stages=[{name: a, steps: 10, image_size: 33}]"]]),
     # Malformed YAML values and command-line shapes.
-    st.tuples(st.sampled_from(sorted(set(FIELDS) - set(STRINGS))), st.sampled_from(BROKEN_YAML)).map(lambda t: [f"{t[0]}={t[1]}"]),
+    st.tuples(st.sampled_from(sorted(set(FIELDS) - set(STRINGS))), st.sampled_from(BROKEN_YAML)).map(assign),
     st.sampled_from([["steps"], ["=3"], ["steps==3"], [" =x"], ["steps=1", "steps"]]),
 )
 
