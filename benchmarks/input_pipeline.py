@@ -119,8 +119,8 @@ def main() -> None:
                                                                             args.records)]
         for w in args.workers:
             rate = pipeline_rate(str(tmp / "converted"), args.image_size, w, args.records)
-            rows.append(("pipeline (GrainIterator)", f"{w} worker{'s' if w > 1 else ''}" if w else "threads in-process", rate,
-                         rate / max(w, 1)))
+            workers = f"{w} worker{'s' if w > 1 else ''}" if w else "threads in-process"
+            rows.append(("pipeline (GrainIterator)", workers, rate, rate / max(w, 1)))
     print(f"input pipeline at {args.image_size}px, {args.records} converted JPEG photos (longest side "
           f"{args.max_side}px), {os.cpu_count()} CPUs on this host")
     print(f"{'what':32s} {'how':20s} {'records/s':>10s} {'per worker':>11s}")

@@ -34,6 +34,10 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(chosen) - set(family.MODELS))
     if unknown:
         p.error(f"unknown model {unknown[0]!r}; the family: {', '.join(family.MODELS)}")
+    try:  # the plot is written last: find out now, not after hours of compiles
+        import matplotlib  # noqa: F401
+    except ImportError:
+        p.error("mfu.png needs matplotlib: pip install -e '.[viz]'")
     out_dir = as_path(args.output_dir)
     rows = [e for e in family.entries(all_resolutions=args.all_resolutions, patch8=args.patch8)
             if not chosen or e.model in chosen]

@@ -2,8 +2,9 @@
 
 A resolved config holds every key plus `derived`. It is revalidated by the normal loader, for one device of
 this host and with the settings that only concern training replaced: the mesh, remat, a TPU/GPU-only
-attention kernel, AOT compilation, stages, training data and evals. When the repository's configs/base.yml is present it is the
-bottom layer, so a config written before a key was added still loads (with that key's default).
+attention kernel, AOT compilation, stages, training data and evals. When the repository's configs/base.yml
+is present it is the bottom layer, so a config written before a key was added still loads (with that key's
+default).
 """
 
 from __future__ import annotations

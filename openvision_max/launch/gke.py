@@ -187,9 +187,17 @@ def validate_config(args: list[str], *, tpu: Optional[str], slices: int, gpus: i
 
 
 def check_memory(program: pathlib.Path, args: list[str], tpu: str, slices: int) -> None:
-    """Runs the AOT report for the topology; raises UsageError when a stage does not fit or it fails."""
-    proc = subprocess.run([sys.executable, str(program), *args, f"compile_topology={tpu}",
-                           f"compile_topology_num_slices={slices}"], capture_output=True, text=True)
+    """Runs the AOT report for the topology, once per stage (train.py compiles the first stage it is given);
+    raises UsageError when a stage does not fit or its compile fails."""
+    from openvision_max.config.loading import load_stages
+    target = [f"compile_topology={tpu}", f"compile_topology_num_slices={slices}"]
+    stages = load_stages([*args, *target])
+    for name in [c.derived.stage_name for c in stages] if len(stages) > 1 else [None]:
+        _check_stage_memory(program, [*args, *target, *([f"stage={name}"] if name else [])], tpu, slices)
+
+
+def _check_stage_memory(program: pathlib.Path, args: list[str], tpu: str, slices: int) -> None:
+    proc = subprocess.run([sys.executable, str(program), *args], capture_output=True, text=True)
     reports = []
     for line in proc.stdout.splitlines():
         if line.startswith('{"aot"'):

@@ -451,6 +451,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--warmup must be >= 0")
     if not epath.Path(args.config).exists():
         raise UsageError(f"config file {args.config} does not exist")
+    if args.vs:  # before anything compiles: the comparison cannot run without PyTorch and open_clip
+        import importlib.util
+        if not all(importlib.util.find_spec(m) for m in ("torch", "open_clip")):
+            from openvision_max.perf.vs_open_clip import MISSING_TORCH
+            raise UsageError(MISSING_TORCH)
 
 
 def output_dir(args: argparse.Namespace, cfg: Config) -> epath.Path:
@@ -476,7 +481,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Point]]:
 def main(argv: Sequence[str]) -> SweepResult:
     args, points = parse(argv)
     out_dir = output_dir(args, points[0].cfg)
-    sweep = run_sweep(points, args, out_dir)
+    try:
+        sweep = run_sweep(points, args, out_dir)
+    except ConfigError as e:  # e.g. --mode aot on a host without libtpu, a grid libtpu rejects
+        print(f"{PROG}: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"{len(points)} point(s): {sweep.ran} run, {sweep.cached} from the cache in {out_dir}", flush=True)
     if args.mode == "measure":
         for dtype, r in {r["dtype"]: r for r in sweep.results if "peak_source" in r}.items():

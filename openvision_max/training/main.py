@@ -191,6 +191,9 @@ def main(argv: list[str]) -> None:
     stages = cli_config(argv, "train.py")
     if stages[0].compile_topology:
         from openvision_max.training import aot  # needs libtpu
+        if len(stages) > 1:
+            say(f"compiling stage {stages[0].derived.stage_name}, the first of {len(stages)} (stage=NAME picks "
+                f"another: {', '.join(c.derived.stage_name for c in stages)})")
         aot.main(stages[0])
         return
     try:
