@@ -51,18 +51,25 @@ class Trainer:
     faults: dict[str, Any] = dataclasses.field(default_factory=dict)
     prefix: tuple[str, ...] = ()  # e.g. ("unshare", "-m", ...) for a run in a mount namespace of its own
     proc: subprocess.Popen | None = None
+    offset: int = 0  # where this attempt's output begins in `log` (attempts of one run share the file)
 
     def start(self) -> Trainer:
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
                "OPENVISION_FAULTS": json.dumps({**self.faults, "key_log": str(self.key_log)})}
         with open(self.log, "a") as f:
+            self.offset = f.tell()
             self.proc = subprocess.Popen([*self.prefix, sys.executable, str(ROOT / "train.py"), *self.args],
                                          cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         return self
 
     def output(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        """What this attempt printed so far."""
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            return f.read().decode(errors="replace")
 
     def wait_until(self, ready: Callable[[], bool], timeout: float = 300) -> bool:
         """Polls `ready` every 20 ms until it holds (True), the process ends or `timeout` passes (False)."""
@@ -160,6 +167,27 @@ def truncate_an_array_file(step_dir: pathlib.Path) -> pathlib.Path:
     with open(files[-1], "r+b") as f:
         f.truncate(1000)
     return files[-1]
+
+
+def saved_states(run_dir: pathlib.Path) -> dict[int, Any]:
+    """Every complete checkpoint's train state as numpy arrays, by step (read without a target)."""
+    import numpy as np
+
+    import jax
+    from openvision_max.training import checkpointing
+    manager = checkpointing._manager(run_dir / "checkpoints", read_only=True)
+    try:
+        return {s: jax.tree.map(np.asarray, manager.restore(s, args=checkpointing.ocp.args.Composite(
+            state=checkpointing.ocp.args.PyTreeRestore())).state) for s in manager.all_steps()}
+    finally:
+        manager.close()
+
+
+def all_finite(tree: Any) -> bool:
+    import numpy as np
+
+    import jax
+    return all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.inexact))
 
 
 def tree_bytes(path: pathlib.Path) -> int:

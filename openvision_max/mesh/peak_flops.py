@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import pathlib
 import time
 
 import jax
@@ -58,14 +61,70 @@ def measure_peak(dtype: str, shapes=PROBE_SHAPES, repeats: int = 3) -> tuple[flo
     return best_rate, best_shape
 
 
-def peak_flops_per_device(dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+def _host_key(device_kind: str, dtype: str) -> str:
+    """What a measured host peak depends on: the processor, the cores this process may use, the JAX version."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{device_kind}|{model}|{cores} cores|jax {jax.__version__}|{dtype}"
+
+
+def _cache_file() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "openvision-max" / \
+        "measured-peaks.json"
+
+
+def _cached_measure(device_kind: str, dtype: str) -> tuple[float, str, str]:
+    """measure_peak through a per-user file keyed by the host (`_host_key`): the probe costs seconds at every
+    start of the trainer, for a figure that only changes with the machine. Returns (rate, shape, where)."""
+    path, key = _cache_file(), _host_key(device_kind, dtype)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and {"rate", "shape"} <= set(known[key]):
+        return float(known[key]["rate"]), str(known[key]["shape"]), f"; cached in {path}"
+    rate, shape = measure_peak(dtype)
+    _remember(known, key, rate, shape)
+    return rate, shape, ""
+
+
+def _remember(known: dict, key: str, rate: float, shape: str) -> None:
+    """Keeps the best rate measured for `key` (a peak: a probe on a busy host reads low, never high)."""
+    if isinstance(known.get(key), dict) and float(known[key].get("rate", 0)) >= rate:
+        return
+    path = _cache_file()
+    try:  # best effort, atomic: several processes of one job may start at once
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, key: {"rate": rate, "shape": shape}}, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def peak_flops_per_device(dtype: str, *, cached: bool = True) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from). On CPU the host's matmul peak, measured once
+    per host and kept in a per-user file (`cached`), or measured now (`cached=False`: a benchmark, whose
+    figure replaces the file's when higher). Delete ~/.cache/openvision-max/measured-peaks.json to re-measure."""
     device = jax.devices()[0]
     peak = datasheet_peak(device.device_kind, dtype)
     if peak is not None:
         return peak, f"datasheet ({device.device_kind}, {dtype})"
     # CPU (or an unknown accelerator): measure. Fake CPU devices share the host's cores.
-    host_peak, shape = measure_peak(dtype)
+    if cached:
+        host_peak, shape, where = _cached_measure(device.device_kind, dtype)
+    else:
+        (host_peak, shape), where = measure_peak(dtype), ""
+        try:
+            known = json.loads(_cache_file().read_text())
+        except (OSError, ValueError):
+            known = {}
+        _remember(known, _host_key(device.device_kind, dtype), host_peak, shape)
     return (host_peak / jax.local_device_count(),
             f"measured matmul peak ({device.device_kind}, {dtype} in, fp32 accumulation, best shape {shape}: "
-            f"{host_peak / 1e9:.0f} GFLOP/s for the host)")
+            f"{host_peak / 1e9:.0f} GFLOP/s for the host{where})")

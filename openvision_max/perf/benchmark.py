@@ -260,7 +260,7 @@ def run_measure(cfg: Config, *, steps: int, warmup: int, vs: str | None) -> dict
         for name, step in sides.items():
             times[name].append(timed(step))
     step_s = statistics.median(times["ours"])
-    peak, peak_source = peak_flops.peak_flops_per_device(cfg.dtype)
+    peak, peak_source = peak_flops.peak_flops_per_device(cfg.dtype, cached=False)  # measured in this run
     # Fake CPU devices share the host's cores, and one of them alone uses all of them: on CPU the whole host's
     # peak is the denominator, however many of its devices the step runs on.
     import jax

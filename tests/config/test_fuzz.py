@@ -78,7 +78,12 @@ def refused(argv, capsys):
     return e.value.code, capsys.readouterr().err
 
 
-@settings(max_examples=170, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# benchmarks/faults.py sets OPENVISION_FUZZ_EXAMPLES (1,000); make test runs 200, 170 + 30.
+EXAMPLES = int(os.environ.get("OPENVISION_FUZZ_EXAMPLES", "200"))
+
+
+@settings(max_examples=EXAMPLES * 17 // 20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=bad_lines)
 def test_a_bad_command_line_is_one_line_and_exit_2(lines, capsys):
     code, err = refused([str(CONFIGS / "demo.yml"), *lines], capsys)
@@ -86,7 +91,8 @@ def test_a_bad_command_line_is_one_line_and_exit_2(lines, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("train.py: config error: "), (lines, err)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES - EXAMPLES * 17 // 20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(st.sampled_from(BROKEN_YAML), st.sampled_from(["steps: [", "vision: 3", "42", "- a\n- b",
                                                                      "bogus_key: 1", "steps: -3", "\t steps: 1"])))
 def test_a_bad_config_file_is_one_line_and_exit_2(text, capsys):
