@@ -18,6 +18,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The trainer's measured CPU peak (mesh/peak_flops.py) is kept per user; the suite keeps its own.
+os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".cache"))
 # For the binaries tests start with an environment of their own choosing.
 JAX_CACHE_ENV = {k: os.environ[k] for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
 
