@@ -50,7 +50,8 @@ def tiny_config(*overrides: str, num_devices: int = 1):
 # The longest tests (several processes, whole training runs) start first, so that on two workers the suite
 # does not end with one of them still running a long test while the other waits.
 SLOW_FIRST = ("test_multihost.py", "test_readme.py", "test_evals.py", "test_gcs_run.py", "test_train_binary.py",
-              "test_benchmark.py", "test_gke.py", "test_step.py", "test_aot.py", "test_remat.py", "test_attention.py")
+              "test_observe.py", "test_benchmark.py", "test_gke.py", "test_step.py", "test_aot.py", "test_remat.py",
+              "test_attention.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -60,6 +60,7 @@ VARIANTS = {
     "python train.py configs/L14.yml run_name=l14 base_output_directory=runs": Variant("train", (
         "dataset_type=synthetic", *TRAIN_TINY)),
     "tensorboard --logdir runs/": Variant("train", ("--inspect",)),  # prints what it would serve, and exits
+    "python -m openvision_max.goodput runs/l14": Variant("train"),  # on the l14 run above (three stages)
     "python -m openvision_max.export configs/B16.yml image_size=224 load_parameters_path=runs/b16 "
     "export_dir=exports/b16-224": Variant("train", TINY),
     "python -m openvision_max.import_open_clip exports/b16-224 configs/B16.yml image_size=224 "
@@ -138,6 +139,9 @@ def test_training_export_import_and_api_commands(tmp_path):
     assert (cwd / "exports" / "b16-224" / "open_clip_config.json").is_file()
     assert (cwd / "runs" / "b16-imported" / "config.yml").is_file()
     assert "loss" in out["tensorboard --logdir runs/"].stdout
+    goodput = out["python -m openvision_max.goodput runs/l14"].stdout
+    assert goodput.startswith("goodput of runs/l14: 1 run of the directory (0 interrupted), 3 steps")
+    assert "productive" in goodput
 
     # The Python API block, as written, on the run the B16 command made.
     api = re.search(r"```python\n(.*?)```", README, re.S).group(1)

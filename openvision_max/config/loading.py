@@ -153,7 +153,10 @@ def _apply_override(overrides: dict, arg: str) -> None:
 # Keys a stage may hold besides config overrides; and keys that only make sense for the whole run.
 _STAGE_KEYS = ("name", "samples", "warmup_samples")
 _RUN_KEYS = ("stages", "stage", "run_name", "base_output_directory", "coordinator_address", "num_processes",
-             "process_id", "jax_distributed_initialization_timeout", "skip_jax_distributed_system")
+             "process_id", "jax_distributed_initialization_timeout", "skip_jax_distributed_system",
+             # Set up once per process, before the first stage: the same for every stage.
+             "jax_smi", "collect_stack_trace", "stack_trace_to_cloud", "stack_trace_interval_seconds",
+             "compilation_cache_dir", "enable_goodput_recording")
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -285,7 +288,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-_PATH_KEYS = ("base_output_directory", "load_parameters_path", "export_dir", "data_cache_dir")
+_PATH_KEYS = ("base_output_directory", "load_parameters_path", "export_dir", "data_cache_dir", "compilation_cache_dir")
 _EVAL_PATH_KEYS = ("path", "image_dir")
 
 

@@ -158,6 +158,19 @@ class Config:
     # Ahead-of-time compilation for a TPU topology from this host.
     compile_topology: str
     compile_topology_num_slices: int
+    # Observability.
+    profiler: Literal["", "xplane"]
+    skip_first_n_steps_for_profiler: int
+    profiler_steps: int
+    profile_all_hosts: bool
+    memory_metrics: bool
+    jax_smi: bool
+    collect_stack_trace: bool
+    stack_trace_to_cloud: bool
+    stack_trace_interval_seconds: int
+    step_timeout_seconds: float
+    compilation_cache_dir: str
+    enable_goodput_recording: bool
     # Filled by `finalize`.
     derived: Optional[Derived] = dataclasses.field(default=None, metadata={"derived": True})
 
@@ -264,6 +277,19 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError("eval_only=true needs at least one entry in evals")
 
 
+def _check_observe(cfg: Config) -> None:
+    if cfg.skip_first_n_steps_for_profiler < 0:
+        raise ConfigError(f"skip_first_n_steps_for_profiler must be >= 0, got {cfg.skip_first_n_steps_for_profiler}")
+    if cfg.profiler and cfg.profiler_steps <= 0:
+        raise ConfigError(f"profiler={cfg.profiler} traces profiler_steps steps, which must be positive, got "
+                          f"{cfg.profiler_steps}")
+    if cfg.collect_stack_trace and cfg.stack_trace_interval_seconds <= 0:
+        raise ConfigError("collect_stack_trace=true needs a positive stack_trace_interval_seconds, got "
+                          f"{cfg.stack_trace_interval_seconds}")
+    if cfg.step_timeout_seconds < 0:
+        raise ConfigError(f"step_timeout_seconds must be >= 0 (0 = no watchdog), got {cfg.step_timeout_seconds:g}")
+
+
 def _check_backend(cfg: Config, platform: str) -> None:
     for key in ("jax_distributed_initialization_timeout", "compile_topology_num_slices"):
         if getattr(cfg, key) <= 0:
@@ -323,6 +349,7 @@ def finalize(cfg: Config, *, platform: str, num_devices: int, num_slices: Option
     _check_rules(cfg)
     _check_data(cfg)
     _check_loss(cfg)
+    _check_observe(cfg)
     _check_backend(cfg, platform)
     dcn = (cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism, cfg.dcn_tensor_parallelism)
     ici = (cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism, cfg.ici_tensor_parallelism)

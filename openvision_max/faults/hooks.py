@@ -7,6 +7,9 @@ it every hook is the identity and the trainer's programs are the ones it always 
                                         started (in Orbax's commit thread), so a kill can land inside a save
     key_log: path                       each train batch's record keys are appended to `path` as JSON lines
                                         {"pid", "step", "keys"} (the loss accounting of benchmarks/faults.py)
+    hang: [step, seconds]               the data iterator sleeps `seconds` (in `sleep_in_data_iterator`) before
+                                        it hands out step `step`'s batch (1-based, as logged): a hung step for
+                                        the watchdog and the stack traces (tests/observe)
 
 Not a user feature: none of this is in the config, and the hooks are read when the trainer builds its step,
 checkpointer and data iterator.
@@ -86,3 +89,35 @@ def log_keys(data, start_step: int):
     if not path or not hasattr(data, "last_keys"):
         return data
     return _KeyLog(data, path, start_step)
+
+
+def sleep_in_data_iterator(seconds: float) -> None:
+    """The frame a stack dump of the hung step shows."""
+    time.sleep(seconds)
+
+
+class _Hang:
+    """A data iterator that takes `seconds` longer to hand out the batch of step `at`."""
+
+    def __init__(self, inner, at: int, seconds: float, first_step: int):
+        self._inner, self._at, self._seconds, self._step = inner, at, seconds, first_step
+
+    def __next__(self):
+        self._step += 1
+        if self._step == self._at:
+            sleep_in_data_iterator(self._seconds)
+        return next(self._inner)
+
+    def __iter__(self):
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def hang(data, start_step: int):
+    """`data`, or with `hang` a wrapper that sleeps before one step's batch (steps start_step+1, ...)."""
+    spec = active().get("hang")
+    if not spec:
+        return data
+    return _Hang(data, int(spec[0]), float(spec[1]), start_step)

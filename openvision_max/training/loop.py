@@ -17,6 +17,7 @@ from openvision_max.faults import hooks
 from openvision_max.mesh import distributed
 from openvision_max.mesh.sharding import activate, create_mesh
 from openvision_max.models import flops
+from openvision_max.observe.observer import Observer
 from openvision_max.training import checkpointing, optimizer
 from openvision_max.training.metrics import MetricsWriter, Progress, say
 from openvision_max.training.step import TrainState, abstract_state, create_state, jit_train_step, state_from_params
@@ -109,8 +110,10 @@ def _say_if_schedule_changed(cfg: Config, saved: dict | None, step: int) -> None
 
 
 def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointing.PreemptionGuard,
-              writer: MetricsWriter, peak: float, params: Any, params_path: str, resume) -> StageResult:
+              writer: MetricsWriter, obs: Observer, peak: float, params: Any, params_path: str,
+              resume) -> StageResult:
     name = cfg.derived.stage_name
+    obs.stage_started(cfg)
     mesh = create_mesh(cfg)
     model, tx = models.build(cfg), optimizer.build(cfg)
     # Data and eval sets are opened before any compilation: a bad path fails in seconds.
@@ -124,14 +127,15 @@ def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointin
             "rises for the whole stage and never decays")
     try:
         with activate(cfg, mesh):
-            return _steps(cfg, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
-                          evals)
+            return _steps(cfg, ckpt, guard, writer, obs, peak, params, params_path, resume, mesh, model, tx,
+                          data, evals)
     finally:
+        obs.stage_ended()
         data.close()
 
 
-def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, mesh, model, tx, data,
-           evals: EvalRunner) -> StageResult:
+def _steps(cfg: Config, ckpt, guard, writer, obs: Observer, peak, params, params_path, resume, mesh, model, tx,
+           data, evals: EvalRunner) -> StageResult:
     name, offset = cfg.derived.stage_name, cfg.derived.step_offset
     state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params, params_path, resume)
     step_fn = jit_train_step(model, tx, cfg, mesh)
@@ -139,42 +143,48 @@ def _steps(cfg: Config, ckpt, guard, writer, peak, params, params_path, resume, 
         data.set_state(data_state)
     start = int(state.step)
     data = hooks.log_keys(data, start)  # the iterator itself unless a fault test records the keys read
+    data = hooks.hang(data, start)  # likewise unless a fault test makes a step hang
     timer = StepTimer(cfg, peak, start)
     pending = None  # (step, device metrics) of the previous step: fetched one step late
     for step in range(start + 1, cfg.steps + 1):
+        obs.before_step(step)
         state, metrics = step_fn(state, next(data))
+        obs.after_step(step, metrics)
         if pending is not None:
-            _log(cfg, writer, timer, *pending, data.metrics())
+            _log(cfg, writer, timer, obs, *pending, data.metrics())
         pending = (step, metrics) if step % cfg.log_period == 0 or step in (start + 1, cfg.steps) else None
         preempted = guard.preempted(offset + step)  # the same answer on every process
         if preempted or step == cfg.steps or ckpt.due(offset + step):
-            # Every process's iterator state, gathered only when saving (a collective, and host work).
-            meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
-                    "seed": cfg.seed, "schedule": schedule_of(cfg),
-                    "data_by_process": distributed.gather(json.dumps(data.get_state()))}
-            # Asynchronous: returns once the arrays are copied to host; the loop goes on stepping.
-            ckpt.maybe_save(offset + step, state, meta, force=preempted or step == cfg.steps)
+            with obs.pause("checkpoint", offset + step):
+                # Every process's iterator state, gathered only when saving (a collective, and host work).
+                meta = {"stage_index": cfg.derived.stage_index, "stage_name": name, "stage_step": step,
+                        "seed": cfg.seed, "schedule": schedule_of(cfg),
+                        "data_by_process": distributed.gather(json.dumps(data.get_state()))}
+                # Asynchronous: returns once the arrays are copied to host; the loop goes on stepping.
+                ckpt.maybe_save(offset + step, state, meta, force=preempted or step == cfg.steps)
         if preempted:
             ckpt.wait()
             say(f"preempted: saved checkpoint at step {offset + step} (stage {name}, step {step}); exiting")
             return StageResult(params=None, preempted=True)
         if evals and (step == cfg.steps or (cfg.eval_period and step % cfg.eval_period == 0)):
             if pending is not None:
-                _log(cfg, writer, timer, *pending, data.metrics())
+                _log(cfg, writer, timer, obs, *pending, data.metrics())
                 pending = None
-            writer.write(offset + step, name, evals.run(state.params, mesh, offset + step))
+            with obs.pause("eval", offset + step):
+                writer.write(offset + step, name, evals.run(state.params, mesh, offset + step))
             timer.last = (step, time.perf_counter())  # eval time is not training throughput
     if pending is not None:
-        _log(cfg, writer, timer, *pending, data.metrics())
+        _log(cfg, writer, timer, obs, *pending, data.metrics())
     return StageResult(params=state.params, preempted=False)
 
 
-def _log(cfg: Config, writer: MetricsWriter, timer: StepTimer, step: int, metrics,
+def _log(cfg: Config, writer: MetricsWriter, timer: StepTimer, obs: Observer, step: int, metrics,
          data_metrics: dict[str, float]) -> None:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()} | distributed.sum_over_processes(data_metrics)
     throughput = timer.measure(step)
     progress = Progress(step, cfg.steps, (cfg.steps - step) * throughput["step_time_s"])
-    writer.write(cfg.derived.step_offset + step, cfg.derived.stage_name, {**values, **throughput}, progress)
+    writer.write(cfg.derived.step_offset + step, cfg.derived.stage_name,
+                 {**values, **throughput, **obs.log_values(step)}, progress)
     if values["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
         raise TrainingStopped(
             f"stopping: {int(values['nonfinite_in_a_row'])} steps in a row had a non-finite loss or gradient "

@@ -1,7 +1,8 @@
 """`python train.py CONFIG [key=value ...]`: run every stage of a config, resuming where a run left off.
 
 Run directory `<base_output_directory>/<run_name>/`: config.yml (resolved), checkpoints/, metrics.jsonl,
-tensorboard/. Restarting with the same run_name resumes from the latest complete checkpoint, inside the
+tensorboard/, timeline.jsonl (observe/timeline.py), and what the observability keys add (README
+"Observability"). Restarting with the same run_name resumes from the latest complete checkpoint, inside the
 right stage. Each stage starts from the previous stage's parameters with a fresh optimiser.
 """
 
@@ -23,6 +24,8 @@ from openvision_max.data.locate import DataError, resolve
 from openvision_max.evals.runner import EvalRunner
 from openvision_max.mesh import distributed, peak_flops
 from openvision_max.mesh.sharding import activate, create_mesh
+from openvision_max.observe import compile_cache, timeline
+from openvision_max.observe.observer import Observer, check_packages
 from openvision_max.training import checkpointing, optimizer
 from openvision_max.training.loop import StageResult, TrainingStopped, run_stage
 from openvision_max.training.metrics import MetricsWriter, is_writer, say
@@ -118,25 +121,34 @@ def train(stages: list[Config]) -> epath.Path:
     ckpt = checkpointing.Checkpointer(run_dir / "checkpoints", max_to_keep=first.max_checkpoints_to_keep,
                                       period=first.checkpoint_period)
     guard = checkpointing.PreemptionGuard()
+    obs = Observer(first, run_dir, writer, say)
+    obs.job_started(timeline.process_start_time())
+    ended, last_step = "error", stages[-1].derived.step_offset + stages[-1].steps  # for the timeline's end
     try:
         while True:
             try:
-                return run_stages(stages, run_dir, ckpt, guard, writer, peak, find_resume(ckpt))
+                run_stages(stages, run_dir, ckpt, guard, writer, obs, peak, find_resume(ckpt))
+                ended = "done" if obs.last_step >= last_step else "preempted"
+                return run_dir
             except checkpointing.UnusableCheckpoint as e:  # found only when its arrays were read
                 set_aside(ckpt, e)
     finally:
-        ckpt.close()
-        guard.close()
-        writer.close()
+        try:
+            ckpt.close()
+            guard.close()
+        finally:
+            obs.job_ended(ended)
+            writer.close()
 
 
 def run_stages(stages: list[Config], run_dir: epath.Path, ckpt: checkpointing.Checkpointer,
-               guard: checkpointing.PreemptionGuard, writer: MetricsWriter, peak: float,
+               guard: checkpointing.PreemptionGuard, writer: MetricsWriter, obs: Observer, peak: float,
                resume: Resume | None) -> epath.Path:
     """Every stage of the run from `resume` (None: from the start)."""
     if resume:
         say(f"resuming from checkpoint step {resume.step} (stage {resume.stage_index}, "
             f"step {resume.stage_step} of it)")
+    obs.run_started(resume.step if resume else 0)
     params: Any = None  # the previous stage's parameters
     for cfg in stages:
         stage_resume = resume if resume and resume.stage_index == cfg.derived.stage_index else None
@@ -149,7 +161,7 @@ def run_stages(stages: list[Config], run_dir: epath.Path, ckpt: checkpointing.Ch
         params_path = cfg.load_parameters_path
         if params is None and resume and resume.stage_index < cfg.derived.stage_index:
             params_path = str(ckpt.directory / str(resume.step))
-        result: StageResult = run_stage(cfg, ckpt, guard, writer, peak, params, params_path, stage_resume)
+        result: StageResult = run_stage(cfg, ckpt, guard, writer, obs, peak, params, params_path, stage_resume)
         if result.preempted:
             return run_dir
         params = result.params
@@ -189,6 +201,12 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] not in ("-h", "--help"):
         argv = start_processes(argv)
     stages = cli_config(argv, "train.py")
+    try:
+        check_packages(stages[0])
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    compile_cache.configure(stages[0])  # before anything compiles
     if stages[0].compile_topology:
         from openvision_max.training import aot  # needs libtpu
         if len(stages) > 1:

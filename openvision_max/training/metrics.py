@@ -15,6 +15,7 @@ import time
 from typing import Any, Optional
 
 from openvision_max.config.paths import is_remote
+from openvision_max.observe import timeline
 from openvision_max.training import gcs
 
 # Printed in this order when present; everything else follows alphabetically.
@@ -58,11 +59,12 @@ class MetricsWriter:
     """Appends to metrics.jsonl, prints a line, and writes TensorBoard scalars under <run_dir>/tensorboard."""
 
     def __init__(self, run_dir: pathlib.Path):
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.last_evals: dict[str, float] = {}  # the latest value of every eval/<name>/<metric>
         self.enabled = is_writer()
         self.tensorboard = None
-        self._pending: list[str] = []  # gs:// lines not yet appended
+        self._pending: dict[str, list[str]] = {}  # gs:// lines not yet appended, per file of the run directory
         self._flushed = time.monotonic()
         if self.enabled:
             from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
@@ -76,19 +78,28 @@ class MetricsWriter:
             self.tensorboard.close()
 
     def _flush(self) -> None:
-        if self._pending:
-            gcs.append(str(self.path), "".join(self._pending).encode())
-            self._pending.clear()
+        for name, lines in self._pending.items():
+            if lines:
+                gcs.append(str(self.run_dir / name), "".join(lines).encode())
+                lines.clear()
         self._flushed = time.monotonic()
 
-    def _append(self, line: str) -> None:
-        if not is_remote(self.path):
-            with self.path.open("a") as f:
+    def append_line(self, name: str, line: str) -> None:
+        """Appends `line` to the run directory's file `name` (metrics.jsonl, timeline.jsonl, ...)."""
+        path = self.run_dir / name
+        if not is_remote(path):
+            with path.open("a") as f:
                 f.write(line)
             return
-        self._pending.append(line)
+        self._pending.setdefault(name, []).append(line)
         if time.monotonic() - self._flushed >= GCS_FLUSH_SECONDS:
             self._flush()
+
+    def event(self, kind: str, at: Optional[float] = None, **fields: Any) -> None:
+        """One record of the run's timeline (`observe/timeline.py`), at `at` (Unix seconds; default: now)."""
+        if self.enabled:
+            record = {"event": kind, "time": round(time.time() if at is None else at, 3), **fields}
+            self.append_line(timeline.TIMELINE, json.dumps(record) + "\n")
 
     def write(self, step: int, stage: str, values: dict[str, Any], progress: Optional[Progress] = None) -> None:
         record = {"step": step, "stage": stage, **{k: (float(v) if not isinstance(v, str) else v)
@@ -96,7 +107,7 @@ class MetricsWriter:
         self.last_evals.update({k: v for k, v in record.items() if k.startswith("eval/")})
         if not self.enabled:
             return
-        self._append(json.dumps(record) + "\n")
+        self.append_line(self.path.name, json.dumps(record) + "\n")
         for k, v in record.items():
             if k != "step" and not isinstance(v, str):
                 self.tensorboard.add_scalar(k, v, step)

