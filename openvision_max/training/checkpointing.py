@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from openvision_max.faults import hooks
+from openvision_max.training import fault_hooks as hooks
 from openvision_max.mesh import distributed
 
 # The store behind Orbax's default jax.Array handler (array write shapes, random-key types); no public name in 0.12.

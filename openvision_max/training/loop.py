@@ -13,7 +13,7 @@ from openvision_max import data as data_lib
 from openvision_max import models
 from openvision_max.config.schema import Config
 from openvision_max.evals.runner import EvalRunner
-from openvision_max.faults import hooks
+from openvision_max.training import fault_hooks as hooks
 from openvision_max.mesh import distributed
 from openvision_max.mesh.sharding import activate, create_mesh
 from openvision_max.models import flops

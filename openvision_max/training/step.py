@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from openvision_max import models
 from openvision_max.config.schema import Config
-from openvision_max.faults import hooks
+from openvision_max.training import fault_hooks as hooks
 from openvision_max.mesh import sharding
 from openvision_max.models.inputs import normalize_images
 from openvision_max.training import losses, optimizer

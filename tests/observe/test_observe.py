@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from openvision_max.faults import hooks
+from openvision_max.training import fault_hooks as hooks
 from openvision_max.observe import goodput, timeline
 
 from conftest import CONFIGS, ROOT, TINY, tiny_config
