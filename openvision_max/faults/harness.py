@@ -1,9 +1,10 @@
 """Runs `python train.py` under faults and accounts for what they cost: steps done twice, records read twice or
 never (by key, against a clean run), whether the final loss is the clean run's.
 
-Every run is the tiny model on the demo's handwritten digits with the record-key log on (see training/fault_hooks.py), one
-process of one CPU device, so a fault run takes seconds. Processes are started in their own session and killed
-by process group; `Trainer.stop()` is safe to call at any time (the callers do, in `finally`).
+Every run is the tiny model on the demo's handwritten digits with the record-key log on (see
+training/fault_hooks.py), one process of one CPU device, so a fault run takes seconds. Processes are started
+in their own session and killed by process group; `Trainer.stop()` is safe to call at any time (the callers
+do, in `finally`).
 """
 
 from __future__ import annotations
