@@ -123,5 +123,9 @@ def test_a_run_of_nonfinite_steps_between_logs_is_seen_at_the_next_log():
     class Timer:
         def measure(self, step):
             return {"step_time_s": 0.1}
+
+    class Observer:
+        def log_values(self, step):
+            return {}
     with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss"):
-        _log(cfg, Writer(), Timer(), 6, metrics, {})
+        _log(cfg, Writer(), Timer(), Observer(), 6, metrics, {})
