@@ -5,6 +5,7 @@ program) that finds its train step in that cache; the goodput arithmetic
 on a timeline whose figures are known; the config errors. (Goodput of a run SIGKILLed and resumed:
 tests/training/test_multihost.py.)"""
 
+import importlib.util
 import json
 import os
 import re
@@ -23,9 +24,11 @@ PLAIN = [*TINY, "vision.depth=1", "text.depth=1", "scan_layers=false", "dataset_
          "steps=6", "log_period=1", "checkpoint_period=1000"]
 # Steps 3-5 traced; the 6th batch sleeps 7 s in the data iterator: more than step_timeout_seconds (the watchdog
 # looks every 0.5 s) and than three stack-trace intervals. None of these keys changes a compiled program.
+# Goodput recording needs the `goodput` extra (not in `test`, see pyproject.toml): checked where it is installed.
+RECORDING = importlib.util.find_spec("ml_goodput_measurement") is not None
 OBSERVED = [*PLAIN, "profiler=xplane", "skip_first_n_steps_for_profiler=2", "profiler_steps=3",
             "step_timeout_seconds=5", "collect_stack_trace=true", "stack_trace_interval_seconds=2",
-            "enable_goodput_recording=true"]
+            *(["enable_goodput_recording=true"] if RECORDING else [])]
 SNAPSHOT = "INFO: Not a crash. cloud-tpu-diagnostics emits a stack trace snapshot every 2 seconds."
 
 
@@ -99,12 +102,14 @@ def test_a_run_with_every_key_on_then_a_run_from_the_cache(tmp_path):
     assert [m.get("compile_time_s") is not None for m in metrics(tmp_path / "second")] == [True] + [False] * 5
 
     # Goodput: the library's events (no Cloud Logging here), and the timeline's figures.
-    assert "goodput: Cloud Logging not reachable (DefaultCredentialsError); recording to " in first.stdout
-    events = [json.loads(line) for line in (run / "goodput_events.jsonl").read_text().splitlines()]
-    assert all(e["job_name"] == "first" for e in events)
-    assert [e["step_count"] for e in events if "step_count" in e] == [1, 2, 3, 4, 5, 6]
-    assert "job_start_time" in events[0] and "job_end_time" in events[-1]
-    assert [e["custom_badput_event_type"] for e in events if "custom_badput_event_type" in e] == ["checkpoint"] * 2
+    if RECORDING:
+        assert "goodput: Cloud Logging not reachable (DefaultCredentialsError); recording to " in first.stdout
+        events = [json.loads(line) for line in (run / "goodput_events.jsonl").read_text().splitlines()]
+        assert all(e["job_name"] == "first" for e in events)
+        assert [e["step_count"] for e in events if "step_count" in e] == [1, 2, 3, 4, 5, 6]
+        assert "job_start_time" in events[0] and "job_end_time" in events[-1]
+        assert [e["custom_badput_event_type"] for e in events if "custom_badput_event_type" in e] == \
+            ["checkpoint"] * 2
     records = timeline.read(run)
     # The last step's save comes before its (one step late) metric line.
     assert [r["event"] for r in records] == ["start", "stage", *["step"] * 5, "checkpoint", "step", "end"]
