@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -76,10 +77,20 @@ def _drop_closed_loop_noise(unraisable, previous=sys.unraisablehook) -> None:
 sys.unraisablehook = _drop_closed_loop_noise
 
 
+def _out_of_space(error: BaseException | None) -> bool:
+    """Whether `error` or one it was raised from is a full disk (ENOSPC; TensorStore says os_error_code 28)."""
+    while error is not None:
+        text = str(error)
+        if getattr(error, "errno", None) == 28 or re.search(r"os_error_code='?28\b|No space left on device", text):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _short(error: BaseException) -> str:
     """The part of a TensorStore/Orbax error a person needs (their messages carry whole JSON specs)."""
     text = str(error).split(" [tensorstore_spec=")[0]
-    if "os_error_code='28'" in text or getattr(error, "errno", None) == 28:
+    if _out_of_space(error):
         return "no space left on device (" + text[:200] + ")"
     return text[:300]
 
