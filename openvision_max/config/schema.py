@@ -58,6 +58,8 @@ class TextTower(Tower):
 @dataclasses.dataclass(frozen=True)
 class DecoderTower(Tower):
     caption_length: int
+    fusion: Literal["concat", "cross_attn"]
+    keep_ratio: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Derived:
     microbatch_size: int          # global_batch_size / gradient_accumulation_steps
     peak_learning_rate: float     # base_lr x global_batch_size / 256
     num_patches: int
+    kept_patches: int             # patch tokens the caption decoder sees: int(num_patches x decoder.keep_ratio)
     vision_remat_policy: str
     text_remat_policy: str
     decoder_remat_policy: str
@@ -97,6 +100,7 @@ class Config:
     stage: str
     stages: list[dict]
     # Model.
+    objective: Literal["openvision", "openvision2"]
     image_size: int
     patch_size: int
     drop_partial_patches: bool
@@ -226,12 +230,36 @@ def _check_model(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
 
 
-EVAL_TYPES = ("zeroshot", "retrieval")
+def _check_objective(cfg: Config) -> None:
+    dec = cfg.decoder
+    if not 0 < dec.keep_ratio <= 1:
+        raise ConfigError(f"decoder.keep_ratio must be in (0, 1], got {dec.keep_ratio:g}")
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    if int(patches * dec.keep_ratio) < 1:
+        raise ConfigError(f"decoder.keep_ratio={dec.keep_ratio:g} keeps no patch token of the {patches} at "
+                          f"image_size={cfg.image_size}, patch_size={cfg.patch_size}")
+    if cfg.objective == "openvision" and dec.fusion != "concat":
+        raise ConfigError(f"decoder.fusion={dec.fusion} is an objective=openvision2 decoder; objective=openvision's "
+                          "caption decoder is the concat prefix-LM (decoder.fusion=concat)")
+    if cfg.objective == "openvision2":
+        if dec.fusion == "cross_attn" and dec.depth % 2:
+            raise ConfigError(f"decoder.fusion=cross_attn pairs self- and cross-attention blocks: decoder.depth "
+                              f"must be even, got {dec.depth}")
+        if dec.caption_length < 2:
+            raise ConfigError("objective=openvision2 reads the caption teacher-forced: decoder.caption_length must "
+                              f"be at least 2, got {dec.caption_length}")
+
+
+EVAL_TYPES = ("zeroshot", "retrieval", "caption_loss", "zeroshot_generative")
 # Keys an `evals:` entry may carry, per evaluator type (beyond name, type and path).
 EVAL_OPTIONS = {
     "zeroshot": ("class_names", "templates", "max_examples"),
     "retrieval": ("format", "image_dir", "split", "max_images"),
+    "caption_loss": ("max_examples",),
+    "zeroshot_generative": ("class_names", "templates", "max_examples"),
 }
+# The evals that embed texts with the text tower, which objective=openvision2 does not have.
+TEXT_TOWER_EVALS = ("zeroshot", "retrieval")
 
 
 def _check_loss(cfg: Config) -> None:  # and the optimiser
@@ -270,6 +298,10 @@ def _check_data(cfg: Config) -> None:
         if unknown:
             raise ConfigError(f"{where} ({entry['name']}): unknown option {unknown[0]!r}; a {entry['type']} eval "
                               f"takes {', '.join(EVAL_OPTIONS[entry['type']])}")
+        if cfg.objective == "openvision2" and entry["type"] in TEXT_TOWER_EVALS:
+            raise ConfigError(f"{where} ({entry['name']}): a {entry['type']} eval embeds texts with the text tower, "
+                              "which objective=openvision2 does not have; use type: zeroshot_generative (class "
+                              "prompts ranked by caption likelihood) or caption_loss")
         if entry["name"] in names:
             raise ConfigError(f"{where}: eval name {entry['name']!r} is used twice")
         names.add(entry["name"])
@@ -346,6 +378,7 @@ def finalize(cfg: Config, *, platform: str, num_devices: int, num_slices: Option
     slice count found at run time (the DCN axes must use exactly that many; a -1 takes them all); None
     leaves it to the DCN axes (or to compile_topology_num_slices)."""
     _check_model(cfg)
+    _check_objective(cfg)
     _check_rules(cfg)
     _check_data(cfg)
     _check_loss(cfg)
@@ -385,6 +418,7 @@ def finalize(cfg: Config, *, platform: str, num_devices: int, num_slices: Option
         microbatch_size=cfg.global_batch_size // accum,
         peak_learning_rate=cfg.base_lr * cfg.global_batch_size / 256,
         num_patches=(cfg.image_size // cfg.patch_size) ** 2,
+        kept_patches=int((cfg.image_size // cfg.patch_size) ** 2 * cfg.decoder.keep_ratio),
         vision_remat_policy=cfg.vision.remat_policy or cfg.remat_policy,
         text_remat_policy=cfg.text.remat_policy or cfg.remat_policy,
         decoder_remat_policy=cfg.decoder.remat_policy or cfg.remat_policy,

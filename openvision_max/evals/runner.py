@@ -7,6 +7,7 @@ hours later at the first eval. Zero-shot class embeddings are cached per checkpo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -18,8 +19,24 @@ from jax.sharding import Mesh
 
 from openvision_max.config.schema import Config
 from openvision_max.data import locate
-from openvision_max.evals import retrieval, zeroshot
+from openvision_max.evals import generative, retrieval, zeroshot
 from openvision_max.evals.encoder import Encoder
+
+
+class Scorers:
+    """What evals run on, built on first use: `encoder` (image and text towers) or `captions` (the caption
+    decoder's likelihoods), for one set of parameters."""
+
+    def __init__(self, cfg: Config, params: Any, mesh: Optional[Mesh]):
+        self.cfg, self.params, self.mesh = cfg, params, mesh
+
+    @functools.cached_property
+    def encoder(self) -> Encoder:
+        return Encoder(self.cfg, self.params, mesh=self.mesh, batch_size=self.cfg.eval_batch_size)
+
+    @functools.cached_property
+    def captions(self) -> generative.CaptionScorer:
+        return generative.CaptionScorer(self.cfg, self.params, mesh=self.mesh, batch_size=self.cfg.eval_batch_size)
 
 
 @dataclasses.dataclass
@@ -30,12 +47,29 @@ class _ZeroShot:
     templates: list[str]
     max_examples: Optional[int]
 
-    def run(self, encoder: Encoder, cache: dict) -> dict[str, float]:
+    def run(self, scorers: Scorers, cache: dict) -> dict[str, float]:
         key = ("classifier", tuple(self.class_names), tuple(self.templates))
         if key not in cache:
-            cache[key] = zeroshot.class_embeddings(encoder, self.class_names, self.templates)
-        return zeroshot.evaluate(encoder, self.shard_paths, self.class_names, self.templates,
+            cache[key] = zeroshot.class_embeddings(scorers.encoder, self.class_names, self.templates)
+        return zeroshot.evaluate(scorers.encoder, self.shard_paths, self.class_names, self.templates,
                                  max_examples=self.max_examples, classifier=cache[key])
+
+
+@dataclasses.dataclass
+class _ZeroShotGenerative(_ZeroShot):
+    def run(self, scorers: Scorers, cache: dict) -> dict[str, float]:
+        return generative.zeroshot_generative(scorers.captions, self.shard_paths, self.class_names, self.templates,
+                                              max_examples=self.max_examples)
+
+
+@dataclasses.dataclass
+class _CaptionLoss:
+    name: str
+    shard_paths: list[str]
+    max_examples: Optional[int]
+
+    def run(self, scorers: Scorers, cache: dict) -> dict[str, float]:
+        return generative.caption_loss(scorers.captions, self.shard_paths, max_examples=self.max_examples)
 
 
 IMAGENET_ASSET = pathlib.Path(__file__).resolve().parents[1] / "assets" / "imagenet_zeroshot.json"
@@ -63,7 +97,7 @@ def _check_path(name: str, path: str) -> None:
         raise locate.DataError(f"eval {name}: path {path} does not exist")
 
 
-def _zeroshot(cfg: Config, entry: dict) -> _ZeroShot:
+def _zeroshot(cfg: Config, entry: dict, kind: type = _ZeroShot) -> _ZeroShot:
     path = entry["path"]
     _check_path(entry["name"], str(path))
     entry = {**entry, "class_names": _shipped(entry, "class_names"), "templates": _shipped(entry, "templates")}
@@ -76,8 +110,14 @@ def _zeroshot(cfg: Config, entry: dict) -> _ZeroShot:
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise locate.DataError(f"eval {entry['name']}: template {bad[0]!r} has no {{}} for the class name")
-    return _ZeroShot(entry["name"], locate.resolve([path], cfg.data_cache_dir), names, templates,
-                     entry.get("max_examples"))
+    return kind(entry["name"], locate.resolve([path], cfg.data_cache_dir), names, templates,
+                entry.get("max_examples"))
+
+
+def _caption_loss(cfg: Config, entry: dict) -> _CaptionLoss:
+    """`path`: any captioned record set (a converted dataset, its shards or a pattern, demo:NAME)."""
+    _check_path(entry["name"], str(entry["path"]))
+    return _CaptionLoss(entry["name"], locate.resolve([entry["path"]], cfg.data_cache_dir), entry.get("max_examples"))
 
 
 @dataclasses.dataclass
@@ -85,8 +125,8 @@ class _Retrieval:
     name: str
     dataset: retrieval.RetrievalDataset
 
-    def run(self, encoder: Encoder, cache: dict) -> dict[str, float]:
-        return retrieval.evaluate(encoder, self.dataset)
+    def run(self, scorers: Scorers, cache: dict) -> dict[str, float]:
+        return retrieval.evaluate(scorers.encoder, self.dataset)
 
 
 def _retrieval(cfg: Config, entry: dict) -> _Retrieval:
@@ -117,7 +157,8 @@ def _retrieval(cfg: Config, entry: dict) -> _Retrieval:
     return _Retrieval(entry["name"], ds)
 
 
-BUILDERS = {"zeroshot": _zeroshot, "retrieval": _retrieval}
+BUILDERS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "caption_loss": _caption_loss,
+            "zeroshot_generative": functools.partial(_zeroshot, kind=_ZeroShotGenerative)}
 
 
 class EvalRunner:
@@ -131,13 +172,13 @@ class EvalRunner:
 
     def run(self, params: Any, mesh: Optional[Mesh], step: int) -> dict[str, float]:
         """Every configured eval on `params` (the parameters at checkpoint step `step`)."""
-        encoder = Encoder(self.cfg, params, mesh=mesh, batch_size=self.cfg.eval_batch_size)
+        scorers = Scorers(self.cfg, params, mesh)
         cache = self._cache.setdefault(step, {})
         self._cache = {step: cache}  # keep only the current checkpoint's class embeddings
         out: dict[str, float] = {}
         for ev in self.evals:
             start = time.perf_counter()
-            for metric, value in ev.run(encoder, cache).items():
+            for metric, value in ev.run(scorers, cache).items():
                 out[f"eval/{ev.name}/{metric}"] = float(value)
             out[f"eval/{ev.name}/seconds"] = time.perf_counter() - start
         return out

@@ -2,10 +2,13 @@
 
 The image and alt-text tokens are projected to the decoder width and form a bidirectional prefix; the learned
 queries attend to the whole prefix and causally among themselves, and each query position predicts one token
-of the (shifted) recaption directly: no teacher forcing, no position embedding of its own.
+of the (shifted) recaption directly: no teacher forcing, no position embedding of its own. With visual token
+masking (decoder.keep_ratio < 1) the image part of the prefix is the kept tokens only.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -15,7 +18,7 @@ from openvision_max.models.layers import BATCH_LEN_EMBED, Stack, StackConfig, co
 
 
 class CaptionDecoder(nn.Module):
-    stack: StackConfig           # stack.prefix_len is set by `build` from the image and text lengths
+    stack: StackConfig           # its prefix_len is set here, from the image and text token counts
     vocab_size: int
     caption_length: int
 
@@ -38,7 +41,8 @@ class CaptionDecoder(nn.Module):
             jnp.broadcast_to(queries, (b, self.caption_length, width)).astype(dtype),
         ], axis=1)
         x = constrain(x, BATCH_LEN_EMBED)
-        x = Stack(self.stack, name="transformer")(x)
+        prefix = dataclasses.replace(self.stack, prefix_len=image_tokens.shape[1] + text_tokens.shape[1])
+        x = Stack(prefix, name="transformer")(x)
         x = layer_norm("ln_final")(x[:, -self.caption_length:].astype(jnp.float32))
         logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
                           kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "vocab")))(x)

@@ -127,19 +127,25 @@ class Attention(nn.Module):
     cfg: StackConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+        """Self-attention over x [B, T, D]; with `context` [B, S, D], cross-attention from x to it (unmasked,
+        dot_product: the fused kernels take one length for queries and keys)."""
         cfg = self.cfg
         heads, head_dim = cfg.num_heads, cfg.width // cfg.num_heads
         qkv_names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
-        def project(name: str) -> jax.Array:
+        def project(name: str, source: jax.Array) -> jax.Array:
             y = HeadProjection((heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
-                               cfg.compute_dtype, name=name)(x)
+                               cfg.compute_dtype, name=name)(source)
             return constrain(checkpoint_name(y, name + "_proj"), qkv_names)
 
-        q, k, v = project("query"), project("key"), project("value")
-        attend = attention_lib.get(cfg.attention, **dict(cfg.attention_options))
-        out = attend(q, k, v, prefix_len=cfg.prefix_len)
+        source = x if context is None else context
+        q, k, v = project("query", x), project("key", source), project("value", source)
+        if context is None:
+            attend = attention_lib.get(cfg.attention, **dict(cfg.attention_options))
+            out = attend(q, k, v, prefix_len=cfg.prefix_len)
+        else:
+            out = attention_lib.dot_product(q, k, v, prefix_len=None)
         out = constrain(out, qkv_names)
         out = HeadProjection((cfg.width,), 2, ("heads", "kv", "embed"), ("embed",), cfg.compute_dtype,
                              name="out")(out)
@@ -159,26 +165,55 @@ class Block(nn.Module):
         return constrain(x, BATCH_LEN_EMBED), None
 
 
-class Stack(nn.Module):
-    """`depth` blocks, scanned (one compiled body, params stacked on a `layers` axis) or unrolled."""
+class CrossBlock(nn.Module):
+    """Pre-LN cross-attention block: x + attn(ln(x), context), then x + mlp(ln(x))."""
     cfg: StackConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        dtype = self.cfg.compute_dtype
+        x = x + Attention(self.cfg, name="attn")(layer_norm("ln_1", dtype)(x), context)
+        x = constrain(x, BATCH_LEN_EMBED)
+        x = x + Mlp(self.cfg, name="mlp")(layer_norm("ln_2", dtype)(x))
+        return constrain(x, BATCH_LEN_EMBED)
+
+
+class SelfCrossPair(nn.Module):
+    """A (self-attention block, cross-attention block) pair: one layer of a cross-attending decoder."""
+    cfg: StackConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array, None]:
+        x, _ = Block(self.cfg, name="self")(x)
+        return CrossBlock(self.cfg, name="cross")(x, context), None
+
+
+class Stack(nn.Module):
+    """`depth` blocks, scanned (one compiled body, params stacked on a `layers` axis) or unrolled.
+
+    With `context` (a cross-attending decoder), `depth` counts blocks of either kind: depth / 2
+    self-attention + cross-attention pairs, every pair reading the same context.
+    """
+    cfg: StackConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.cfg
-        block = Block
+        block, layers, extra = (Block, cfg.depth, ()) if context is None else (SelfCrossPair, cfg.depth // 2,
+                                                                               (context,))
         policy = remat_policy(cfg.remat_policy)
         if cfg.remat_policy != "none":
             # prevent_cse is only needed outside scan; inside it would block useful optimisations.
-            block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+            block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
-                length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(cfg, name="blocks")(x, None)
+                in_axes=(nn.broadcast,) * len(extra) or 0,
+                length=layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(cfg, name="blocks")(x, *extra) if extra else scanned(cfg, name="blocks")(x, None)
         else:
-            for i in range(cfg.depth):
-                x, _ = block(cfg, name=f"block_{i}")(x)
+            for i in range(layers):
+                x, _ = block(cfg, name=f"block_{i}")(x, *extra)
         return x
 
 

@@ -13,6 +13,7 @@ from openvision_max.config.schema import Config
 from openvision_max.models import attention
 from openvision_max.models.decoder import CaptionDecoder
 from openvision_max.models.layers import StackConfig, logical
+from openvision_max.models.token_masking import keep_tokens
 from openvision_max.models.text import TextTower
 from openvision_max.models.vision import VisionTower
 
@@ -38,6 +39,7 @@ class ModelSpec:
     caption_length: int
     contrastive_loss: str        # "sigmoid" adds the learned logit bias `b`
     logit_scale_init: float      # exp(t) at initialisation
+    kept_patches: int            # patch tokens the decoder reads (visual token masking)
 
 
 class OpenVision(nn.Module):
@@ -72,8 +74,10 @@ class OpenVision(nn.Module):
         """The contrastive embeddings only (no decoder): image_emb [B, E], text_emb [k * B, E]."""
         return {"image_emb": self.encode_image(images), "text_emb": self.encode_text(texts)}
 
-    def __call__(self, images: jax.Array, texts: jax.Array) -> dict[str, jax.Array]:
-        """images [B, H, W, 3]; texts [k * B, L] with the B alt-texts first (the decoder reads those).
+    def __call__(self, images: jax.Array, texts: jax.Array, token_keys: jax.Array | None = None
+                 ) -> dict[str, jax.Array]:
+        """images [B, H, W, 3]; texts [k * B, L] with the B alt-texts first (the decoder reads those);
+        token_keys [B], one key per image for visual token masking (none: the decoder reads every patch).
 
         Returns image_emb [B, E] and text_emb [k * B, E] (L2-normalised, fp32), caption_logits
         [B, caption_length, V] fp32, logit_scale = exp(t) and, for the sigmoid loss, logit_bias.
@@ -81,6 +85,9 @@ class OpenVision(nn.Module):
         b = images.shape[0]
         image_emb, image_tokens = self.vision(images)
         text_emb, text_tokens = self.text(texts)
+        image_tokens, kept = keep_tokens(image_tokens, token_keys, self.spec.kept_patches)
+        if kept is not None:
+            self.sow("intermediates", "kept_indices", kept)
         logits = self.decoder(image_tokens, text_tokens[:b])
         return {
             "image_emb": l2_normalize(image_emb),
@@ -90,30 +97,32 @@ class OpenVision(nn.Module):
         }
 
 
-def _stack(cfg: Config, name: str, *, gelu_tanh: bool, prefix_len: int | None = None) -> StackConfig:
+def stack_config(cfg: Config, name: str, *, gelu_tanh: bool) -> StackConfig:
+    """The StackConfig of tower `name` (vision, text or decoder); decoders set their own mask."""
     tower = getattr(cfg, name)
     return StackConfig(
         width=tower.width, depth=tower.depth, mlp_dim=tower.mlp_dim, num_heads=tower.num_heads,
         remat_policy=getattr(cfg.derived, f"{name}_remat_policy"), scan_layers=cfg.scan_layers,
-        attention=cfg.attention, dtype=cfg.dtype, gelu_tanh=gelu_tanh, prefix_len=prefix_len,
+        attention=cfg.attention, dtype=cfg.dtype, gelu_tanh=gelu_tanh,
         attention_options=attention.options(cfg))
 
 
 def build(cfg: Config) -> OpenVision:
-    """The model a finalized config describes."""
-    text_tokens = cfg.text.context_length - 1
+    """The model a finalized config with objective=openvision describes."""
     return OpenVision(ModelSpec(
-        vision=_stack(cfg, "vision", gelu_tanh=False),
-        text=_stack(cfg, "text", gelu_tanh=True),
-        decoder=_stack(cfg, "decoder", gelu_tanh=True, prefix_len=cfg.derived.num_patches + text_tokens),
+        vision=stack_config(cfg, "vision", gelu_tanh=False),
+        text=stack_config(cfg, "text", gelu_tanh=True),
+        decoder=stack_config(cfg, "decoder", gelu_tanh=True),
         patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, vocab_size=cfg.vocab_size,
         context_length=cfg.text.context_length, caption_length=cfg.decoder.caption_length,
         contrastive_loss=cfg.contrastive_loss,
         logit_scale_init=cfg.logit_scale_init or LOGIT_SCALE_INIT[cfg.contrastive_loss],
+        kept_patches=cfg.derived.kept_patches,
     ))
 
 
 def dummy_inputs(cfg: Config, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-    """Abstract (images, texts) of a batch: two texts per image (alt-text and a sub-caption)."""
+    """Abstract (images, texts) of a batch, the arguments of `init`: two texts per image (alt-text and a
+    sub-caption)."""
     return (jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), jnp.float32),
             jax.ShapeDtypeStruct((2 * batch, cfg.text.context_length), jnp.int32))

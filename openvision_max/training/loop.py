@@ -18,7 +18,7 @@ from openvision_max.mesh import distributed
 from openvision_max.mesh.sharding import activate, create_mesh
 from openvision_max.models import flops
 from openvision_max.observe.observer import Observer
-from openvision_max.training import checkpointing, optimizer
+from openvision_max.training import checkpointing, objectives, optimizer
 from openvision_max.training.metrics import MetricsWriter, Progress, say
 from openvision_max.training.step import TrainState, abstract_state, create_state, jit_train_step, state_from_params
 
@@ -120,8 +120,7 @@ def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointin
     data = data_lib.create_iterator(cfg, mesh)
     evals = EvalRunner(cfg)
     say(f"stage {name}: {cfg.steps} steps of {cfg.global_batch_size} at {cfg.image_size}px, "
-        f"mesh {dict(mesh.shape)}; loss = {cfg.contrastive_weight:g} x contrastive_loss + "
-        f"{cfg.caption_weight:g} x caption_loss")
+        f"mesh {dict(mesh.shape)}; loss = {objectives.get(cfg.objective).describe(cfg)}")
     if cfg.warmup_steps >= cfg.steps:
         say(f"warning: warmup_steps={cfg.warmup_steps} >= steps={cfg.steps} (stage {name}): the learning rate "
             "rises for the whole stage and never decays")

@@ -38,15 +38,16 @@ def abstract_params(cfg: Config) -> Any:
 
 def init_params(cfg: Config, seed: int) -> Any:
     """A fresh initialisation (the one a run with `seed` starts from, up to sharding), on one device."""
-    images, texts = models.dummy_inputs(cfg)
-    return _jitted_init(models.build(cfg).spec, images.shape, texts.shape)(jax.random.key(seed))
+    model = models.build(cfg)
+    inputs = tuple((s.shape, s.dtype) for s in models.dummy_inputs(cfg))
+    return _jitted_init(type(model), model.spec, inputs)(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_init(spec: models.openvision.ModelSpec, image_shape: tuple[int, ...], text_shape: tuple[int, ...]):
+def _jitted_init(module: type, spec: Any, inputs: tuple[tuple[tuple[int, ...], Any], ...]):
     # Compiled once per architecture (a few seconds on CPU): init runs the whole forward pass.
-    model = models.OpenVision(spec)
-    return jax.jit(lambda r: _unbox(model.init(r, jnp.zeros(image_shape), jnp.zeros(text_shape, jnp.int32))["params"]))
+    model = module(spec)
+    return jax.jit(lambda r: _unbox(model.init(r, *(jnp.zeros(shape, dtype) for shape, dtype in inputs))["params"]))
 
 
 def load_params(cfg: Config, path: str) -> Any:

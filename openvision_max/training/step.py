@@ -16,8 +16,8 @@ from openvision_max import models
 from openvision_max.config.schema import Config
 from openvision_max.training import fault_hooks as hooks
 from openvision_max.mesh import sharding
-from openvision_max.models.inputs import normalize_images
-from openvision_max.training import losses, optimizer
+from openvision_max.models import token_masking
+from openvision_max.training import objectives, optimizer
 
 
 @flax.struct.dataclass
@@ -29,78 +29,24 @@ class TrainState:
 
 
 def loss_fn(model: nn.Module, cfg: Config, params: Any, batch: dict[str, jax.Array]):
-    """Total = contrastive_weight x contrastive + caption_weight x caption; returns (total, parts)."""
-    out = model.apply({"params": params}, normalize_images(batch["images"]), batch["texts"])
-    contrastive = losses.contrastive(cfg.contrastive_loss, out["image_emb"], out["text_emb"],
-                                     out["logit_scale"], out.get("logit_bias"))
-    caption = losses.caption_loss(out["caption_logits"], batch["caption_targets"], batch["caption_mask"])
-    total = cfg.contrastive_weight * contrastive + cfg.caption_weight * caption
-    return total, {"contrastive_loss": contrastive, "caption_loss": caption, "temperature": out["logit_scale"]}
-
-
-def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
-    """[B, ...] -> [n, B / n, ...]; texts [2B, L] -> [n, 2B / n, L] keeping alt-texts before sub-captions."""
-    def split(x):
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
-    b = batch["images"].shape[0]
-    texts = batch["texts"]
-    out = {k: split(v) for k, v in batch.items() if k != "texts"}
-    out["texts"] = jnp.concatenate([split(texts[:b]), split(texts[b:])], axis=1)
-    return out
+    """The objective's loss of a batch: (total, parts). `batch["token_keys"]`, where present, drives visual
+    token masking."""
+    return objectives.get(cfg.objective).loss(model, cfg, params, batch)
 
 
 def accumulated_loss_and_grads(model: nn.Module, cfg: Config, params: Any, batch: dict[str, jax.Array]):
-    """The full batch's loss and gradient from `gradient_accumulation_steps` microbatches, exactly.
+    """((total, parts), grads) of the full batch from `gradient_accumulation_steps` microbatches, exactly."""
+    return objectives.get(cfg.objective).accumulated(model, cfg, params, batch)
 
-    The contrastive loss couples every image with every text of the batch, so plain accumulation would change
-    it. Gradient caching instead: (1) embed all microbatches without gradients; (2) take the loss and its
-    gradient with respect to the embeddings (and t, b) over the whole batch; (3) per microbatch, back-propagate
-    those embedding gradients plus the caption loss through the towers, summing parameter gradients in fp32.
-    Costs one extra encoder forward.
-    """
-    n = cfg.gradient_accumulation_steps
-    micro = _microbatches(batch, n)
-    variables = {"params": params}
 
-    def embed(_, mb):
-        out = model.apply(variables, normalize_images(mb["images"]), mb["texts"], method="embed")
-        return None, (out["image_emb"], out["text_emb"])
-
-    _, (image_emb, text_emb) = jax.lax.scan(embed, None, micro)
-    image_emb = jax.lax.stop_gradient(image_emb)  # [n, b, E]
-    text_emb = jax.lax.stop_gradient(text_emb)    # [n, 2b, E]: per microbatch, b alt-texts then b sub-captions
-    mb = image_emb.shape[1]
-    flat_texts = jnp.concatenate([text_emb[:, :mb].reshape(-1, text_emb.shape[-1]),
-                                  text_emb[:, mb:].reshape(-1, text_emb.shape[-1])])
-
-    def contrastive_of(image_emb, flat_texts, logit_params):
-        return losses.contrastive(cfg.contrastive_loss, image_emb.reshape(-1, image_emb.shape[-1]), flat_texts,
-                                  logit_params["logit_scale"], logit_params.get("logit_bias"))
-
-    logit_params, logit_vjp = jax.vjp(lambda p: model.apply({"params": p}, method="logit_params"), params)
-    contrastive, (g_image, g_flat, g_logit) = jax.value_and_grad(contrastive_of, argnums=(0, 1, 2))(
-        image_emb, flat_texts, logit_params)
-    (grads,) = logit_vjp(jax.tree.map(lambda g: cfg.contrastive_weight * g, g_logit))
-    g_text = jnp.concatenate([g_flat[:n * mb].reshape(n, mb, -1), g_flat[n * mb:].reshape(n, mb, -1)], axis=1)
-    tokens = losses.caption_tokens(batch["caption_mask"])
-
-    def surrogate(p, mb_batch, g_img, g_txt):
-        out = model.apply({"params": p}, normalize_images(mb_batch["images"]), mb_batch["texts"])
-        nll = losses.caption_nll_sum(out["caption_logits"], mb_batch["caption_targets"], mb_batch["caption_mask"])
-        linear = jnp.sum(out["image_emb"] * g_img) + jnp.sum(out["text_emb"] * g_txt)
-        return cfg.contrastive_weight * linear + cfg.caption_weight * nll / tokens, nll
-
-    def backward(acc, xs):
-        grads, nll_sum = acc
-        (_, nll), g = jax.value_and_grad(surrogate, has_aux=True)(params, *xs)
-        return (jax.tree.map(jnp.add, grads, g), nll_sum + nll), None
-
-    zeros = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    (grads, nll_sum), _ = jax.lax.scan(backward, (zeros, jnp.zeros((), jnp.float32)), (micro, g_image, g_text))
-    caption = nll_sum / tokens
-    total = cfg.contrastive_weight * contrastive + cfg.caption_weight * caption
-    parts = {"contrastive_loss": contrastive, "caption_loss": caption, "temperature": logit_params["logit_scale"]}
-    return (total, parts), grads
+def with_token_keys(cfg: Config, batch: dict[str, jax.Array], step: jax.Array) -> dict[str, jax.Array]:
+    """`batch` plus a key per example for visual token masking (only when the decoder drops tokens): from the
+    seed and the step counted across stages, so a resumed run draws the same tokens."""
+    if cfg.derived.kept_patches >= cfg.derived.num_patches:
+        return batch
+    b = batch["images"].shape[0]
+    keys = token_masking.example_keys(cfg.seed, cfg.derived.step_offset + step, jnp.arange(b))
+    return {**batch, "token_keys": keys}
 
 
 def schedule_moves_on(kept: Any, updated: Any) -> Any:
@@ -114,6 +60,7 @@ def schedule_moves_on(kept: Any, updated: Any) -> Any:
 
 def train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config,
                state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    batch = with_token_keys(cfg, batch, state.step)
     if cfg.gradient_accumulation_steps > 1:
         (loss, parts), grads = accumulated_loss_and_grads(model, cfg, state.params, batch)
     else:
