@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: install install-test test demo clean
+.PHONY: install install-test test demo demo-ov2 clean
 
 # The training install (no torch).
 install: $(STAMP)
@@ -31,6 +31,10 @@ test: install-test
 
 demo: install
 	$(PY) train.py configs/demo.yml
+
+# OpenVision 2 (caption loss only, visual token masking) on the same data, evaluated by caption likelihood.
+demo-ov2: install
+	$(PY) train.py configs/demo_ov2.yml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

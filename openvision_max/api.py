@@ -37,6 +37,10 @@ class OpenVisionModel:
         from openvision_max.data.tokenizer import Tokenizer
         from openvision_max.models import build
 
+        if cfg.objective != "openvision":
+            raise LoadError(f"{source} is an objective={cfg.objective} model (no text tower): load_model serves "
+                            "image-text models; read its vision tower from the vision-only export "
+                            "(python -m openvision_max.export ... --vision-only) or evaluate it with evals")
         self.cfg, self.params, self.source = cfg, params, source
         self.image_size, self.context_length, self.embed_dim = cfg.image_size, cfg.text.context_length, cfg.embed_dim
         self.batch_size = batch_size

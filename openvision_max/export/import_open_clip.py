@@ -105,6 +105,10 @@ def _split_output(argv: list[str]) -> tuple[str, list[str], str]:
 def main(argv: list[str]) -> None:
     directory, config_argv, output = _split_output(argv)
     cfg = cli_config(config_argv, PROG)[-1]
+    if cfg.objective != "openvision":
+        print(f"{PROG}: an open_clip CLIP has a text tower, which objective={cfg.objective} does not: import it "
+              "into an objective=openvision config", file=sys.stderr)
+        sys.exit(2)
     try:
         out, how = import_open_clip(directory, cfg, output)
     except ImportFailed as e:

@@ -470,7 +470,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Point]]:
     args = p.parse_intermixed_args(list(argv))
     try:
         check_args(args)
-        return args, build_points(args)
+        points = build_points(args)
+        if args.vs and any(pt.cfg.objective != "openvision" for pt in points):
+            raise UsageError("--vs open_clip compares the three-tower objective=openvision step with open_clip's "
+                             "CLIP; objective=openvision2 has no text tower to compare")
+        return args, points
     except UsageError as e:
         p.error(str(e))
     except ConfigError as e:
