@@ -18,6 +18,8 @@ import pathlib
 import re
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 PAD_ID, BOS_ID, EOS_ID, CLS_ID = 0, 1, 2, 101
@@ -90,6 +92,16 @@ class Tokenizer:
         framed = self._framed(texts, caption_length)
         targets = np.concatenate([framed[:, 1:], np.zeros((len(texts), 1), np.int32)], axis=1)
         return targets, (targets != PAD_ID).astype(np.int32)
+
+
+def teacher_forcing(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(inputs, targets, mask) [B, Q - 1] from the pipeline's caption_targets (the framed caption
+    `[bos] w.. [eos] pad..` shifted left, a pad appended): inputs are `[bos]` + targets[:-2], i.e. the framed
+    caption without its last token; the last target, always a pad, is dropped."""
+    targets = batch["caption_targets"]
+    t = targets.shape[1] - 1
+    bos = jnp.full((targets.shape[0], 1), BOS_ID, targets.dtype)
+    return jnp.concatenate([bos, targets[:, :t - 1]], axis=1), targets[:, :t], batch["caption_mask"][:, :t]
 
 
 def vocab_sha256(path: str | pathlib.Path = VOCAB_PATH) -> str:

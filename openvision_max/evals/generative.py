@@ -26,12 +26,11 @@ from openvision_max import models
 from openvision_max.config.schema import Config
 from openvision_max.data import locate, transforms
 from openvision_max.data.records import Record, RecordError
-from openvision_max.data.tokenizer import Tokenizer
+from openvision_max.data.tokenizer import Tokenizer, teacher_forcing
 from openvision_max.evals import retrieval, zeroshot
 from openvision_max.mesh.sharding import activate, batch_sharding
 from openvision_max.models import token_masking
 from openvision_max.models.inputs import normalize_images
-from openvision_max.training.objectives import teacher_forcing
 
 EVAL_MASKING_SEED = 0  # the eval draw of kept tokens: fixed, independent of the run's seed
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from openvision_max.config.schema import Config
-from openvision_max.data.tokenizer import BOS_ID
+from openvision_max.data.tokenizer import teacher_forcing
 from openvision_max.models.inputs import normalize_images
 from openvision_max.training import losses
 
@@ -111,16 +111,6 @@ def openvision_accumulated(model: nn.Module, cfg: Config, params: Any, batch: di
 
 
 # --- openvision2 -----------------------------------------------------------------------------------------
-
-def teacher_forcing(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(inputs, targets, mask) [B, Q - 1] from the pipeline's caption_targets (the framed caption
-    `[bos] w.. [eos] pad..` shifted left, a pad appended): inputs are `[bos]` + targets[:-2], i.e. the framed
-    caption without its last token; the last target, always a pad, is dropped."""
-    targets = batch["caption_targets"]
-    t = targets.shape[1] - 1
-    bos = jnp.full((targets.shape[0], 1), BOS_ID, targets.dtype)
-    return jnp.concatenate([bos, targets[:, :t - 1]], axis=1), targets[:, :t], batch["caption_mask"][:, :t]
-
 
 def _caption_nll_sum(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token NLLs, their mask) of a batch."""

@@ -6,18 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from openvision_max import models
 from openvision_max.config.schema import ConfigError
 from openvision_max.data import demo_data
-from openvision_max.data.tokenizer import Tokenizer
+from openvision_max.data.tokenizer import Tokenizer, teacher_forcing
 from openvision_max.evals import generative, zeroshot
 from openvision_max.evals.runner import EvalRunner
 from openvision_max.models import token_masking
 from openvision_max.models.inputs import normalize_images
-from openvision_max.training.objectives import teacher_forcing
-
-from conftest import tiny_config
 
 OV2 = ["objective=openvision2", "vocab_size=30522", "image_size=64", "patch_size=16", "decoder.keep_ratio=0.5",
        "decoder.caption_length=12", "eval_batch_size=8"]
@@ -38,7 +36,8 @@ def _params(cfg):
 def _direct_nll(cfg, model, params, images, ids, captions):
     """Per (image, caption) mean token NLL straight from the model, with the eval's token draw."""
     targets, mask = Tokenizer().decoder_targets(captions, cfg.decoder.caption_length)
-    inputs, targets, mask = teacher_forcing({"caption_targets": jnp.asarray(targets), "caption_mask": jnp.asarray(mask)})
+    batch = {"caption_targets": jnp.asarray(targets), "caption_mask": jnp.asarray(mask)}
+    inputs, targets, mask = teacher_forcing(batch)
     keys = token_masking.example_keys(generative.EVAL_MASKING_SEED, 0, jnp.asarray(ids))
     tokens = model.apply({"params": params}, normalize_images(jnp.asarray(images)), method=model.image_tokens)
     logits = model.apply({"params": params}, tokens, inputs, keys, method=model.decode)

@@ -6,18 +6,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from openvision_max import models
-from openvision_max.mesh import sharding
-from openvision_max.data.synthetic import _make as synthetic_batch
-from openvision_max.models import token_masking
-from openvision_max.models.inputs import normalize_images
-from openvision_max.training import objectives, optimizer
-from openvision_max.training import step as train_step
-from openvision_max.training.checkpointing import Checkpointer, abstract_like
-
 from conftest import tiny_config
 from train_steps import MESH_2x2x2, activate, run_steps, stepper
+
+from openvision_max import models
+from openvision_max.data.synthetic import _make as synthetic_batch
+from openvision_max.data.tokenizer import teacher_forcing
+from openvision_max.mesh import sharding
+from openvision_max.models import token_masking
+from openvision_max.models.inputs import normalize_images
+from openvision_max.training import optimizer
+from openvision_max.training import step as train_step
+from openvision_max.training.checkpointing import Checkpointer, abstract_like
 
 OV2 = ["objective=openvision2", "decoder.keep_ratio=0.25"]
 
@@ -33,7 +33,7 @@ def test_the_decoder_sees_a_quarter_of_the_patches_drawn_per_image_and_step():
     model, params = _init(cfg)
     batch = synthetic_batch(cfg, jax.random.key(1))
     images = normalize_images(batch["images"])
-    inputs = objectives.teacher_forcing(batch)[0]
+    inputs = teacher_forcing(batch)[0]
     tokens = model.apply({"params": params}, images, method=model.image_tokens)
 
     def kept_at(step):
