@@ -19,7 +19,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from etils import epath
@@ -65,7 +65,7 @@ def save_tokenizer(directory: pathlib.Path, vocab_path: pathlib.Path = VOCAB_PAT
     tok.save_pretrained(str(directory))
 
 
-def _save_safetensors(path: pathlib.Path, state: mapping.State, metadata: dict[str, str]) -> None:
+def save_safetensors(path: pathlib.Path, state: mapping.State, metadata: dict[str, str]) -> None:
     from safetensors.numpy import save_file
     save_file(state, str(path), metadata=metadata)
 
@@ -80,33 +80,32 @@ def umask_modes(directory: pathlib.Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pathlib.Path:
-    """Writes the export of `params` (a tree of arrays fitting `cfg`) to `export_dir`, which must not exist
-    or be empty. Files go to a temporary sibling directory renamed into place at the end, so a failure
-    leaves nothing behind under `export_dir`."""
-    remote = is_remote(export_dir)
-    target = epath.Path(export_dir) if remote else pathlib.Path(export_dir)
+def export_target(export_dir: str | os.PathLike) -> pathlib.Path | epath.Path:
+    """`export_dir` as a path (epath for gs://); ExportError unless it is absent or an empty directory."""
+    target = epath.Path(export_dir) if is_remote(export_dir) else pathlib.Path(export_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} already exists and is not an empty directory")
-    clip, decoder = mapping.to_open_clip(params, cfg)
+    return target
+
+
+def write_atomically(target: pathlib.Path | epath.Path, write_files: Callable[[pathlib.Path], None]
+                     ) -> pathlib.Path | epath.Path:
+    """Runs `write_files(tmp)` in a temporary directory and puts its files at `target` (from export_target):
+    locally a sibling renamed into place, for gs:// a local directory uploaded file by file at the end. A
+    failure leaves nothing behind under `target`."""
+    remote = is_remote(target)
     if not remote:
         target.parent.mkdir(parents=True, exist_ok=True)
-    # Locally a sibling renamed into place; for gs:// a local directory uploaded file by file at the end.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=None if remote else target.parent))
     try:
-        (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg), indent=2) + "\n")
-        _save_safetensors(tmp / WEIGHTS, clip, {"format": "pt"})
-        save_tokenizer(tmp)
-        (tmp / DECODER_CONFIG).write_text(json.dumps(decoder_config(cfg), indent=2) + "\n")
-        _save_safetensors(tmp / DECODER_WEIGHTS, decoder, {"format": "pt"})
-        (tmp / OUR_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        write_files(tmp)
         umask_modes(tmp)
         if remote:
             _upload(tmp, target)
             shutil.rmtree(tmp)
         else:
             if target.exists():
-                target.rmdir()  # empty, checked above
+                target.rmdir()  # empty, checked by export_target
             os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,6 +113,27 @@ def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pat
             target.rmtree()  # a partial upload: nothing half-written stays under export_dir
         raise
     return target
+
+
+def save_our_config(directory: pathlib.Path, cfg: Config) -> None:
+    (directory / OUR_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def write_export(params: Any, cfg: Config, export_dir: str | os.PathLike) -> pathlib.Path:
+    """Writes the export of `params` (a tree of arrays fitting `cfg`) to `export_dir`, which must not exist
+    or be empty. Files go to a temporary sibling directory renamed into place at the end, so a failure
+    leaves nothing behind under `export_dir`."""
+    target = export_target(export_dir)
+    clip, decoder = mapping.to_open_clip(params, cfg)
+
+    def write_files(tmp: pathlib.Path) -> None:
+        (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg), indent=2) + "\n")
+        save_safetensors(tmp / WEIGHTS, clip, {"format": "pt"})
+        save_tokenizer(tmp)
+        (tmp / DECODER_CONFIG).write_text(json.dumps(decoder_config(cfg), indent=2) + "\n")
+        save_safetensors(tmp / DECODER_WEIGHTS, decoder, {"format": "pt"})
+        save_our_config(tmp, cfg)
+    return write_atomically(target, write_files)
 
 
 def _upload(local: pathlib.Path, target: epath.Path) -> None:

@@ -1,6 +1,7 @@
 """Our parameter tree <-> open_clip state-dict names and layouts (NumPy only; no torch).
 
     to_open_clip(params, cfg)                    -> (clip_state, decoder_state)
+    vision_to_open_clip(params['vision'], cfg)  -> the visual tower's tensors (also read by vision_only.py)
     from_open_clip(clip_state, decoder_state, cfg) -> params (decoder None when decoder_state is None)
 
 Layouts (open_clip stores PyTorch conventions: Linear weights [out, in]):
@@ -140,26 +141,38 @@ def vision_position_table(cfg: Config, grid: Optional[int] = None) -> np.ndarray
     return np.concatenate([np.zeros((1, cfg.vision.width), np.float32), table])
 
 
+def vision_to_open_clip(vision: Any, cfg: Config) -> State:
+    """Our `vision` subtree (a tree of arrays, scanned or unrolled) -> the tensors of open_clip's visual tower,
+    named without the `visual.` prefix: conv1.weight, class_embedding, positional_embedding,
+    transformer.resblocks.{i}.*, ln_post.weight/bias, proj. The one reader of the vision tower's parameters:
+    the open_clip export prefixes these names, the vision-only (timm) export renames them."""
+    v = _numpy(vision)
+    state: State = {
+        "conv1.weight": v["embedding"]["kernel"].transpose(3, 2, 0, 1),
+        "class_embedding": v["cls"].reshape(-1),
+        "positional_embedding": vision_position_table(cfg),
+        "ln_post.weight": v["ln_post"]["scale"], "ln_post.bias": v["ln_post"]["bias"],
+        "proj": v["head"]["kernel"],
+    }
+    for i, block in enumerate(_blocks(v["transformer"], cfg.vision.depth)):
+        state.update(_block_to_torch(block, f"transformer.resblocks.{i}."))
+    return state
+
+
 def to_open_clip(params: Any, cfg: Config) -> tuple[State, State]:
     """Parameters (a tree of arrays) -> (open_clip CLIP state dict, caption-decoder state dict), float32."""
     p = _numpy(params)
-    v, t, d = p["vision"], p["text"], p["decoder"]
-    clip: State = {
-        "visual.conv1.weight": v["embedding"]["kernel"].transpose(3, 2, 0, 1),
-        "visual.class_embedding": v["cls"].reshape(-1),
-        "visual.positional_embedding": vision_position_table(cfg),
-        "visual.ln_post.weight": v["ln_post"]["scale"], "visual.ln_post.bias": v["ln_post"]["bias"],
-        "visual.proj": v["head"]["kernel"],
+    t, d = p["text"], p["decoder"]
+    clip: State = {f"visual.{k}": x for k, x in vision_to_open_clip(p["vision"], cfg).items()}
+    clip.update({
         "token_embedding.weight": t["embedding"]["embedding"],
         "positional_embedding": t["pos_embedding"][0],
         "ln_final.weight": t["ln_final"]["scale"], "ln_final.bias": t["ln_final"]["bias"],
         "text_projection": t["head"]["kernel"],
         "logit_scale": p["t"],
-    }
+    })
     if "b" in p:
         clip["logit_bias"] = p["b"]
-    for i, block in enumerate(_blocks(v["transformer"], cfg.vision.depth)):
-        clip.update(_block_to_torch(block, f"visual.transformer.resblocks.{i}."))
     for i, block in enumerate(_blocks(t["transformer"], cfg.text.depth)):
         clip.update(_block_to_torch(block, f"transformer.resblocks.{i}."))
     decoder: State = {
