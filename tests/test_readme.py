@@ -16,7 +16,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, TINY
 
 README = (ROOT / "README.md").read_text()
@@ -59,6 +58,11 @@ VARIANTS = {
         Variant("train", ("dataset_type=synthetic", *TRAIN_TINY, ONE_STAGE, "run_name=b16")),
     "python train.py configs/L14.yml run_name=l14 base_output_directory=runs": Variant("train", (
         "dataset_type=synthetic", *TRAIN_TINY)),
+    # OpenVision 2's model files on the tiny model: the recipe's keep ratios (0.35, 0.25) on 16 patches.
+    "python train.py configs/ov2_L14.yml run_name=ov2_l14": Variant("train", (
+        "dataset_type=synthetic", *TRAIN_TINY, ONE_STAGE)),
+    "python train.py configs/ov2_So400m14.yml run_name=ov2_so400m": Variant("train", (
+        "dataset_type=synthetic", *TRAIN_TINY, ONE_STAGE)),
     "tensorboard --logdir runs/": Variant("train", ("--inspect",)),  # prints what it would serve, and exits
     "python -m openvision_max.goodput runs/l14": Variant("train"),  # on the l14 run above (three stages)
     "python -m openvision_max.export configs/B16.yml image_size=224 load_parameters_path=runs/b16 "
@@ -84,6 +88,10 @@ VARIANTS = {
         ("stage=finetune_224", " ".join(["stage=finetune_224", *TINY, "scan_layers=false"])),
         ("remat_policy=full,save_qkv_proj per_device_batch_size=32,64", "remat_policy=full per_device_batch_size=2"),
     )),
+    # The Makefile target's own command (test_demo_ov2_command checks the recipe), three steps, on demo sets
+    # made ahead with 10 training shapes; the evals are the demo's, on its whole held-out sets.
+    "make demo-ov2": Variant("demo", ("steps=3", "log_period=1", "grain_worker_count=0"),
+                             replace=(("make demo-ov2", "python train.py configs/demo_ov2.yml"),)),
     # Writes the manifest (the config resolved for 2 x v5p-128 first); nothing runs on a cluster.
     "python -m openvision_max.launch gke --tpu v5p-128 --slices 2 --image IMAGE --name l14-run --bucket "
     "gs://my-bucket -- configs/L14.yml global_batch_size=16384": Variant("gke"),
@@ -96,14 +104,14 @@ def test_every_readme_command_has_a_tiny_variant():
     assert sorted(set(commands[2:])) == sorted(VARIANTS), "README commands and VARIANTS differ"
 
 
-def run(command: str, cwd, data_root=None) -> subprocess.CompletedProcess:
-    """The README command with its variant's arguments, as a user's shell would run it, in `cwd`."""
+def run(command: str, cwd, data_root=None, extra=()) -> subprocess.CompletedProcess:
+    """The README command with its variant's arguments (and `extra`), as a user's shell would run it, in `cwd`."""
     variant = VARIANTS[command]
     if variant.data:
         command = command.replace("/data/", f"{data_root}/data/")
     for old, new in variant.replace:
         command = command.replace(old, new)
-    argv = [*shlex.split(command), *variant.extra]
+    argv = [*shlex.split(command), *variant.extra, *extra]
     if argv[0] == "python":
         argv[0] = sys.executable
         if argv[1] == "train.py":
@@ -139,6 +147,10 @@ def test_training_export_import_and_api_commands(tmp_path):
     assert (cwd / "exports" / "b16-224" / "open_clip_config.json").is_file()
     assert (cwd / "runs" / "b16-imported" / "config.yml").is_file()
     assert "loss" in out["tensorboard --logdir runs/"].stdout
+    # OpenVision 2's model files: the caption loss alone, on their keep ratios of the tiny model's 16 patches.
+    for command, kept in (("python train.py configs/ov2_L14.yml run_name=ov2_l14", 5),
+                          ("python train.py configs/ov2_So400m14.yml run_name=ov2_so400m", 4)):
+        assert f"caption_loss (teacher-forced, decoder reads {kept} of 16 patch tokens)" in out[command].stdout
     goodput = out["python -m openvision_max.goodput runs/l14"].stdout
     assert goodput.startswith("goodput of runs/l14: 1 run of the directory (0 interrupted), 3 steps")
     assert "productive" in goodput
@@ -153,7 +165,6 @@ def test_training_export_import_and_api_commands(tmp_path):
 def test_data_commands(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from photo_data import make_photo_webdataset, photo_bytes
 
     cwd = workspace(tmp_path)
@@ -196,6 +207,22 @@ def test_aot_command(tmp_path):
     proc = run(command, workspace(tmp_path))
     report = [json.loads(ln)["aot"] for ln in proc.stdout.splitlines() if ln.startswith('{"aot"')]
     assert [r["num_devices"] for r in report] == [128]
+
+
+def test_demo_ov2_command(tmp_path):
+    from openvision_max.data import demo_data
+
+    recipe = re.search(r"^demo-ov2:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert recipe == "$(PY) train.py configs/demo_ov2.yml"  # what the variant runs
+    demo_data.ensure_demo_data(tmp_path / "cache", shapes_train=10)
+    (command,) = commands_of("demo")
+    proc = run(command, workspace(tmp_path), extra=[f"data_cache_dir={tmp_path / 'cache'}"])
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "demo_ov2" / "metrics.jsonl").read_text().splitlines()]
+    evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    assert evals["eval/digits/examples"] == 500 and 0 <= evals["eval/digits/top1"] <= 1
+    assert evals["eval/shapes/examples"] == 1000 and 0 <= evals["eval/shapes/top1"] <= 1
+    assert evals["eval/digits_captions/loss"] > 0 and evals["eval/shapes_captions/loss"] > 0
+    assert "eval/digits/top1" in proc.stdout
 
 
 def test_gke_command(tmp_path):

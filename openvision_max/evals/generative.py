@@ -150,6 +150,11 @@ def zeroshot_generative(scorer: CaptionScorer, shard_paths: Sequence[str], class
     """{"top1", "top5", "examples"}: the classes ranked by their prompts' mean caption loss."""
     prompts = [t.format(name) for name in class_names for t in templates]
     targets, mask = scorer.targets(prompts)
+    # Prompts are short: past the longest one's last token every prompt is padding, and a causal decoder's
+    # outputs before a position do not depend on it, so those positions are not computed (exact; one token
+    # more is kept because teacher forcing drops the last target).
+    used = min(int(mask.sum(axis=1).max()) + 1, targets.shape[1])
+    targets, mask = targets[:, :used], mask[:, :used]
     c, k = len(class_names), len(templates)
     ks = retrieval.reported_ks(zeroshot.TOP_KS, c - 1)
     hits, n = dict.fromkeys(ks, 0), 0

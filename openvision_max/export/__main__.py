@@ -65,8 +65,7 @@ def main(argv: list[str]) -> None:
         fail("load_parameters_path= is required (a run directory, its checkpoints/ or one step directory)")
     if not cfg.export_dir:
         fail("export_dir= is required (a directory that does not exist yet, or an empty one)")
-    objective = getattr(cfg, "objective", "openvision")
-    if objective == "openvision2" and not vision_only:
+    if cfg.objective == "openvision2" and not vision_only:
         print(f"{PROG}: objective=openvision2 has no text tower and open_clip's CLIP needs one: no open_clip "
               f"export; writing the vision-only timm export instead ({VISION_ONLY})", file=sys.stderr, flush=True)
         vision_only = True

@@ -13,9 +13,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before timm / huggingface_hub are imported
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import CONFIGS, TINY, tiny_config  # noqa: E402
 
 from openvision_max import models  # noqa: E402
-from openvision_max.config.schema import Config  # noqa: E402
 from openvision_max.export import __main__ as export_cli  # noqa: E402
 from openvision_max.export import vision_only  # noqa: E402
 from openvision_max.export.vision_only import timm_config, to_timm, write_vision_only  # noqa: E402
@@ -23,8 +23,6 @@ from openvision_max.models.inputs import IMAGE_MEAN, IMAGE_STD, normalize_images
 from openvision_max.models.vision import VisionTower  # noqa: E402
 from openvision_max.training.checkpointing import Checkpointer  # noqa: E402
 from openvision_max.training.params import abstract_params  # noqa: E402
-
-from conftest import CONFIGS, TINY, tiny_config  # noqa: E402
 
 TINY_ARGS = [str(CONFIGS / "base.yml"), *TINY]  # tiny_config() on the command line
 RTOL = 1e-5  # max abs difference / max abs value of the fp32 embeddings (timm vs ours); measured ~3e-7
@@ -145,20 +143,23 @@ def test_timm_preprocessing_is_our_eval_transform(timm, tmp_path):
 # --- The command ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A random tiny model saved as a run: config.yml + checkpoints/7."""
+def saved_run(root, cfg):
+    """A random model of `cfg` saved as a run: config.yml + checkpoints/7."""
     import yaml
 
     from openvision_max.config import config_to_dict
-    cfg = tiny_config()
     params = random_params(cfg, seed=3)
-    run_dir = tmp_path_factory.mktemp("run") / "run"
+    run_dir = root / "run"
     run_dir.mkdir()
     (run_dir / "config.yml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     with Checkpointer(run_dir / "checkpoints", max_to_keep=1, period=1) as ckpt:
         ckpt.maybe_save(7, {"params": jax.device_put(params)}, {"stage_index": 0, "stage_step": 7}, force=True)
     return dataclasses.make_dataclass("Run", ["cfg", "params", "dir"])(cfg, params, run_dir)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return saved_run(tmp_path_factory.mktemp("run"), tiny_config())
 
 
 def test_cli_writes_what_the_load_call_loads(run, timm, tmp_path, capsys):
@@ -180,30 +181,28 @@ def test_cli_writes_what_the_load_call_loads(run, timm, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def openvision2(cfg):
-    """`cfg` with `objective: openvision2`, as the config will have it (a subclass while the key is missing)."""
-    if "objective" in {f.name for f in dataclasses.fields(Config)}:
-        return dataclasses.replace(cfg, objective="openvision2")
-    with_objective = dataclasses.make_dataclass("Config", [("objective", str, "openvision")], bases=(Config,),
-                                                frozen=True)
-    return with_objective(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
-                          objective="openvision2")
+def test_an_openvision2_run_gets_the_vision_only_export_and_its_patch_tokens(timm, tmp_path, capsys):
+    """objective=openvision2: one line says why there is no open_clip export and the vision-only one is
+    written; timm's forward_features without its CLS row are the patch tokens the caption decoder reads."""
+    import torch
 
-
-def test_cli_writes_the_vision_only_export_for_openvision2(run, tmp_path, capsys, monkeypatch):
-    """objective=openvision2: one line says why there is no open_clip export; the vision-only one is written.
-    The run here has a text tower (the branch only reads the objective); with the key wired, an OpenVision 2
-    run has none and exports the same way."""
-    cli_config = export_cli.cli_config
-    monkeypatch.setattr(export_cli, "cli_config", lambda argv, prog: [openvision2(c) for c in cli_config(argv, prog)])
+    ov2 = saved_run(tmp_path, tiny_config("objective=openvision2"))
+    assert "text" not in ov2.params and "logit_scale" not in ov2.params
     out = tmp_path / "v"
-    export_cli.main([f"load_parameters_path={run.dir}", f"export_dir={out}"])
+    export_cli.main([f"load_parameters_path={ov2.dir}", f"export_dir={out}"])
     printed = capsys.readouterr()
     assert printed.err.strip() == (
         "python -m openvision_max.export: objective=openvision2 has no text tower and open_clip's CLIP needs one: "
         "no open_clip export; writing the vision-only timm export instead (--vision-only)")
     assert printed.out.strip().endswith(f"timm.create_model('local-dir:{out}', pretrained=True)")
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "openvision_max_config.yml"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = images(seed=5)
+    with torch.no_grad():
+        features = model.forward_features(torch.from_numpy(np.asarray(normalize_images(x))).permute(0, 3, 1, 2))
+    ours = models.build(ov2.cfg)
+    tokens = np.asarray(ours.apply({"params": ov2.params}, normalize_images(x), method=ours.image_tokens))
+    assert relative_difference(features[:, 1:].numpy(), tokens) < RTOL
 
 
 def test_cli_errors_leave_nothing(run, tmp_path, capsys):

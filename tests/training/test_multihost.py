@@ -19,6 +19,8 @@ from openvision_max.launch.local_cluster import child_env, free_port
 
 from conftest import CONFIGS, ROOT, TINY
 
+# Steps of the 2-process runs: a checkpoint at 8, the kill after step 10, the restart trains 9 to 14.
+STEPS = 14
 MESH = ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]
 
 
@@ -38,7 +40,7 @@ def config_args(tmp_path, run_name, *, steps=10, synthetic=False):
     data_keys = (["dataset_type=synthetic", "evals=[]"] if synthetic else
                  ["dataset_type=grain", f"train_data=[{data}]", "grain_worker_count=0",
                   f"evals=[{{name: v, type: zeroshot, path: {test}}}]"])
-    return [str(CONFIGS / "base.yml"), *TINY, "vocab_size=32000", *MESH, f"steps={steps}", "checkpoint_period=10",
+    return [str(CONFIGS / "base.yml"), *TINY, "vocab_size=32000", *MESH, f"steps={steps}", "checkpoint_period=8",
             "log_period=1", "warmup_steps=5", *data_keys, f"base_output_directory={tmp_path}",
             f"run_name={run_name}"]
 
@@ -76,29 +78,29 @@ def one_process(tmp_path, args):
 
 def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     """2 x 4 devices against 1 x 8 on the demo digits: the same loss at every step (1e-6) and the same zero-shot
-    figures, one writer. The same 2-process run killed (both processes) after its step-20 checkpoint and
+    figures, one writer. The same 2-process run killed (both processes) after its step-8 checkpoint and
     restarted: the uninterrupted run's final loss bitwise, each host from its own saved position, and the lost
     progress that the goodput command finds as its metric lines show it. Then 2 x 4 against 1 x 8 on synthetic
     batches (one test, so that these runs find the step already compiled)."""
     # One run at a time: on two cores, processes that wait long for a peer's collective time out.
-    out = finished(launch(processes, tmp_path, config_args(tmp_path, "two", steps=30)))
-    one_process(tmp_path, config_args(tmp_path, "one", steps=30))
-    killed = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=30), log=subprocess.DEVNULL)
-    step20, log = tmp_path / "killed" / "checkpoints" / "20", tmp_path / "killed" / "metrics.jsonl"
+    out = finished(launch(processes, tmp_path, config_args(tmp_path, "two", steps=STEPS)))
+    one_process(tmp_path, config_args(tmp_path, "one", steps=STEPS))
+    killed = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=STEPS), log=subprocess.DEVNULL)
+    step8, log = tmp_path / "killed" / "checkpoints" / "8", tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 400
     # A few steps after the checkpoint too, which the restart trains again (the goodput check counts them).
-    while not (step20.is_dir() and log.exists() and '{"step": 23,' in log.read_text()) \
+    while not (step8.is_dir() and log.exists() and '{"step": 10,' in log.read_text()) \
             and time.time() < deadline and killed.poll() is None:
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)  # the launcher; its children die with it (PR_SET_PDEATHSIG)
     killed.wait()
     before_restart = log.read_text().splitlines()
-    assert step20.is_dir() and not (tmp_path / "killed" / "checkpoints" / "30").is_dir()
-    restarted = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=30))
+    assert step8.is_dir() and not (tmp_path / "killed" / "checkpoints" / str(STEPS)).is_dir()
+    restarted = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=STEPS))
 
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
     # One line per logged step (log_period=1), from the one writer.
-    assert [m["step"] for m in metrics(tmp_path / "two") if "loss" in m] == list(range(1, 31))
+    assert [m["step"] for m in metrics(tmp_path / "two") if "loss" in m] == list(range(1, STEPS + 1))
     assert sorted(b) == sorted(a)
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6), step
@@ -108,32 +110,32 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
         {k: v for k, v in evals_one[0].items() if not k.endswith("/seconds")}
     # One writer: one metrics file, each logged step once, one printed line per step.
     assert list(tmp_path.glob("two/**/metrics.jsonl")) == [tmp_path / "two" / "metrics.jsonl"]
-    assert out.count("step 30 [main 30/30") == 1
+    assert out.count(f"step {STEPS} [main {STEPS}/{STEPS}") == 1
 
-    assert "resuming from checkpoint step 20" in finished(restarted)
-    assert losses(tmp_path / "killed")[30] == a[30]  # bitwise
+    assert "resuming from checkpoint step 8" in finished(restarted)
+    assert losses(tmp_path / "killed")[STEPS] == a[STEPS]  # bitwise
     goodput_of_the_kill(tmp_path / "killed", before_restart)
     from openvision_max.training import checkpointing
     manager = checkpointing._manager(tmp_path / "killed" / "checkpoints", read_only=True)
-    saved = [json.loads(s) for s in manager.restore(20, args=checkpointing.ocp.args.Composite(
+    saved = [json.loads(s) for s in manager.restore(8, args=checkpointing.ocp.args.Composite(
         meta=checkpointing.ocp.args.JsonRestore())).meta["data_by_process"]]
     manager.close()
     assert [s["host"] for s in saved] == [[0, 2], [1, 2]]
-    assert host_keys(tmp_path, 1, state=saved[1]) == host_keys(tmp_path, 1, skip_batches=20)
+    assert host_keys(tmp_path, 1, state=saved[1]) == host_keys(tmp_path, 1, skip_batches=8)
     with pytest.raises(Exception, match="the data iterator state of host 0 of 2 cannot resume host 1 of 2"):
         host_keys(tmp_path, 1, state=saved[0])
 
-    finished(launch(processes, tmp_path, config_args(tmp_path, "syn-two", steps=30, synthetic=True)))
-    one_process(tmp_path, config_args(tmp_path, "syn-one", steps=30, synthetic=True))
+    finished(launch(processes, tmp_path, config_args(tmp_path, "syn-two", steps=STEPS, synthetic=True)))
+    one_process(tmp_path, config_args(tmp_path, "syn-one", steps=STEPS, synthetic=True))
     a, b = losses(tmp_path / "syn-two"), losses(tmp_path / "syn-one")
-    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6), step
 
 
 def goodput_of_the_kill(run_dir, lines):
-    """`python -m openvision_max.goodput`'s figures (in-process) for the run killed a few steps after checkpoint
-    20: the steps trained again after the restart, and their time, as the killed run's metric `lines` (read at
+    """`python -m openvision_max.goodput`'s figures (in-process) for the run killed two steps after checkpoint
+    8: the steps trained again after the restart, and their time, as the killed run's metric `lines` (read at
     the kill) show them, within one step (the kill may fall between a step's timeline record and its line)."""
     from openvision_max.observe import goodput, timeline
     report = goodput.compute(timeline.read(run_dir))
@@ -143,17 +145,17 @@ def goodput_of_the_kill(run_dir, lines):
             killed.append(json.loads(line))
         except json.JSONDecodeError:  # a line the kill cut short
             pass
-    lost = [m for m in killed if m["step"] > 20]
+    lost = [m for m in killed if m["step"] > 8]
     one_step = max(m["step_time_s"] for m in killed[1:])  # the first line includes the compile
     (interruption,) = report["interruptions"]
     print(goodput.format_report(str(run_dir), report))
-    print(f"metrics before the kill: steps {[m['step'] for m in lost]} after checkpoint 20 took "
+    print(f"metrics before the kill: steps {[m['step'] for m in lost]} after checkpoint 8 took "
           f"{sum(m['step_time_s'] for m in lost):.3f} s; the slowest step {one_step:.3f} s")
-    assert interruption["ended"] == "killed" and interruption["resumed_from"] == 20 and lost
+    assert interruption["ended"] == "killed" and interruption["resumed_from"] == 8 and lost
     assert interruption["progress_lost_s"] == pytest.approx(sum(m["step_time_s"] for m in lost), abs=one_step)
     first, last = interruption["lost_steps"]
-    assert first == 21 and last - lost[-1]["step"] in (0, 1)
-    assert report["last_step"] == 30 and 0 < report["productive_s"] < report["total_s"]
+    assert first == 9 and last - lost[-1]["step"] in (0, 1)
+    assert report["last_step"] == STEPS and 0 < report["productive_s"] < report["total_s"]
 
 
 def host_iterator(tmp_path, host, count):
@@ -184,7 +186,7 @@ def test_each_hosts_records_together_are_the_one_process_batch(tmp_path):
     digits, as the 2-process runs read them)."""
     its = [host_iterator(tmp_path, i, n) for i, n in ((0, 1), (0, 2), (1, 2))]
     try:
-        for _ in range(30):  # the batches of test_two_processes_train_and_resume_as_one
+        for _ in range(STEPS):  # the batches of test_two_processes_train_and_resume_as_one
             whole, host0, host1 = ([e["key"] for e in it.host_examples()] for it in its)
             assert not set(host0) & set(host1)
             assert sorted(host0 + host1) == sorted(whole)
