@@ -10,12 +10,14 @@ its devices (a config is resolved against the global device count, so this runs 
 - Neither: one process, nothing to start.
 
 Once started, JAX's preemption service runs: a SIGTERM to any host makes every host reach the same sync
-point, so all save the same step (training/checkpointing.py's PreemptionGuard asks it).
+point, so all save the same step (training/checkpointing.py's PreemptionGuard asks it). At exit each process
+waits at JAX's shutdown barrier for the others; `trace_a_slow_exit` makes one held up there say where.
 """
 
 from __future__ import annotations
 
 import collections
+import faulthandler
 import json
 import os
 import socket
@@ -27,6 +29,11 @@ import numpy as np
 
 from openvision_max.config import topology
 from openvision_max.config.schema import Config
+
+
+# Seconds a process of several may take from the end of its run to its exit before it prints every thread's
+# Python stack (to stderr, once; it goes on waiting). A peer that is merely slower ends well within this.
+EXIT_TRACES_S = 60
 
 
 class DistributedError(RuntimeError):
@@ -97,6 +104,16 @@ def initialize(cfg: Config) -> None:
         raise DistributedError(f"could not join coordinator {address}: {' '.join(str(e).split())[:300]}") from None
     finally:
         warning.cancel()
+
+
+def trace_a_slow_exit() -> None:
+    """Call when the run has ended: a process of several that is still alive EXIT_TRACES_S later prints every
+    thread's stack, so that a hang at exit (a thread that never ends, a peer that never reaches the shutdown
+    barrier) shows where each process is, before JAX's shutdown timeout ends them all."""
+    import jax
+
+    if jax.process_count() > 1:
+        faulthandler.dump_traceback_later(EXIT_TRACES_S, exit=False)
 
 
 def _wait_for(address: str, timeout: float) -> None:

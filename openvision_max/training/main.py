@@ -228,6 +228,8 @@ def main(argv: list[str]) -> None:
     except (TrainingStopped, checkpointing.SaveFailed) as e:  # the run cannot go on; its checkpoints can
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        distributed.trace_a_slow_exit()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`python train.py` as several JAX processes on this machine (2 processes x 4 CPU devices) against one
-process with 8: the same losses (grain and synthetic data) and evals, one writer, each host resuming its own
+process with 8: the same losses and evals, one writer, each host resuming its own
 data position; a SIGTERM to one host; a coordinator that never answers.
 
 Every process a test starts is killed by its pid (or, for the launcher, its process group) at the end, also
@@ -31,15 +31,13 @@ def demo_digits(tmp_path):
     return sets["digits_train"], sets["digits_test"]
 
 
-def config_args(tmp_path, run_name, *, steps=10, synthetic=False):
+def config_args(tmp_path, run_name, *, steps=10):
     """The tiny model on the demo's digits (no bad records: each host's share of a batch is exactly the one
-    process's batch), with a zero-shot eval on their test set at the end; or, `synthetic`, the same model
-    and schedule (so the same compiled step) on synthetic batches, without the eval."""
+    process's batch), with a zero-shot eval on their test set at the end."""
     data, test = demo_digits(tmp_path)
     # The real tokenizer's ids need the BERT vocabulary (TINY's 128 rows would be read out of range).
-    data_keys = (["dataset_type=synthetic", "evals=[]"] if synthetic else
-                 ["dataset_type=grain", f"train_data=[{data}]", "grain_worker_count=0",
-                  f"evals=[{{name: v, type: zeroshot, path: {test}}}]"])
+    data_keys = ["dataset_type=grain", f"train_data=[{data}]", "grain_worker_count=0",
+                 f"evals=[{{name: v, type: zeroshot, path: {test}}}]"]
     return [str(CONFIGS / "base.yml"), *TINY, "vocab_size=32000", *MESH, f"steps={steps}", "checkpoint_period=8",
             "log_period=1", "warmup_steps=5", *data_keys, f"base_output_directory={tmp_path}",
             f"run_name={run_name}"]
@@ -55,8 +53,13 @@ def launch(processes, tmp_path, args, *, log=None):
     return proc
 
 
-def finished(proc):
+def finished(proc, log_dir):
+    """The launcher's stdout once it exited 0; otherwise the whole log of process 1 is printed (a hang at exit
+    prints each thread's stack there: mesh/distributed.py) and the test fails on the launcher's stderr."""
     out, err = proc.communicate(timeout=600)
+    if proc.returncode != 0:
+        for log in sorted(log_dir.glob("process-*.log")):
+            print(f"--- {log}:\n{log.read_text(errors='replace')}")
     assert proc.returncode == 0, err[-3000:]
     return out
 
@@ -80,10 +83,10 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     """2 x 4 devices against 1 x 8 on the demo digits: the same loss at every step (1e-6) and the same zero-shot
     figures, one writer. The same 2-process run killed (both processes) after its step-8 checkpoint and
     restarted: the uninterrupted run's final loss bitwise, each host from its own saved position, and the lost
-    progress that the goodput command finds as its metric lines show it. Then 2 x 4 against 1 x 8 on synthetic
-    batches (one test, so that these runs find the step already compiled)."""
+    progress that the goodput command finds as its metric lines show it (one test, so that these runs find the
+    step already compiled). Synthetic batches do not depend on the mesh: tests/data/test_synthetic.py."""
     # One run at a time: on two cores, processes that wait long for a peer's collective time out.
-    out = finished(launch(processes, tmp_path, config_args(tmp_path, "two", steps=STEPS)))
+    out = finished(launch(processes, tmp_path, config_args(tmp_path, "two", steps=STEPS)), tmp_path / "logs")
     one_process(tmp_path, config_args(tmp_path, "one", steps=STEPS))
     killed = launch(processes, tmp_path, config_args(tmp_path, "killed", steps=STEPS), log=subprocess.DEVNULL)
     step8, log = tmp_path / "killed" / "checkpoints" / "8", tmp_path / "killed" / "metrics.jsonl"
@@ -112,7 +115,7 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     assert list(tmp_path.glob("two/**/metrics.jsonl")) == [tmp_path / "two" / "metrics.jsonl"]
     assert out.count(f"step {STEPS} [main {STEPS}/{STEPS}") == 1
 
-    assert "resuming from checkpoint step 8" in finished(restarted)
+    assert "resuming from checkpoint step 8" in finished(restarted, tmp_path / "logs")
     assert losses(tmp_path / "killed")[STEPS] == a[STEPS]  # bitwise
     goodput_of_the_kill(tmp_path / "killed", before_restart)
     from openvision_max.training import checkpointing
@@ -124,13 +127,6 @@ def test_two_processes_train_and_resume_as_one(tmp_path, processes):
     assert host_keys(tmp_path, 1, state=saved[1]) == host_keys(tmp_path, 1, skip_batches=8)
     with pytest.raises(Exception, match="the data iterator state of host 0 of 2 cannot resume host 1 of 2"):
         host_keys(tmp_path, 1, state=saved[0])
-
-    finished(launch(processes, tmp_path, config_args(tmp_path, "syn-two", steps=STEPS, synthetic=True)))
-    one_process(tmp_path, config_args(tmp_path, "syn-one", steps=STEPS, synthetic=True))
-    a, b = losses(tmp_path / "syn-two"), losses(tmp_path / "syn-one")
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-6), step
 
 
 def goodput_of_the_kill(run_dir, lines):
