@@ -22,6 +22,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".cache"))
 # For the binaries tests start with an environment of their own choosing.
 JAX_CACHE_ENV = {k: os.environ[k] for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+# data_cache_dir of the tests that run the demo configs on their own data: the demo sets (20,000 training
+# shapes: 20 s of generating) are made once for the suite, by whichever test comes first (a racer's copy is
+# discarded: data/demo_data.py publishes by rename).
+DEMO_CACHE = ROOT / ".cache"
 
 import pytest  # noqa: E402
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import DEMO_CACHE, ROOT, TINY
 
 README = (ROOT / "README.md").read_text()
 # What every training command of the README adds: the tiny model, one step, synthetic data unless it asks
@@ -88,8 +88,8 @@ VARIANTS = {
         ("stage=finetune_224", " ".join(["stage=finetune_224", *TINY, "scan_layers=false"])),
         ("remat_policy=full,save_qkv_proj per_device_batch_size=32,64", "remat_policy=full per_device_batch_size=2"),
     )),
-    # The Makefile target's own command (test_demo_ov2_command checks the recipe), three steps, on demo sets
-    # made ahead with 10 training shapes; the evals are the demo's, on its whole held-out sets.
+    # The Makefile target's own command (test_demo_ov2_command checks the recipe), three steps, on the demo sets
+    # the suite shares (conftest.DEMO_CACHE); the evals are the demo's, on its whole held-out sets.
     "make demo-ov2": Variant("demo", ("steps=3", "log_period=1", "grain_worker_count=0"),
                              replace=(("make demo-ov2", "python train.py configs/demo_ov2.yml"),)),
     # Writes the manifest (the config resolved for 2 x v5p-128 first); nothing runs on a cluster.
@@ -210,13 +210,10 @@ def test_aot_command(tmp_path):
 
 
 def test_demo_ov2_command(tmp_path):
-    from openvision_max.data import demo_data
-
     recipe = re.search(r"^demo-ov2:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert recipe == "$(PY) train.py configs/demo_ov2.yml"  # what the variant runs
-    demo_data.ensure_demo_data(tmp_path / "cache", shapes_train=10)
     (command,) = commands_of("demo")
-    proc = run(command, workspace(tmp_path), extra=[f"data_cache_dir={tmp_path / 'cache'}"])
+    proc = run(command, workspace(tmp_path), extra=[f"data_cache_dir={DEMO_CACHE}"])
     rows = [json.loads(x) for x in (tmp_path / "runs" / "demo_ov2" / "metrics.jsonl").read_text().splitlines()]
     evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
     assert evals["eval/digits/examples"] == 500 and 0 <= evals["eval/digits/top1"] <= 1

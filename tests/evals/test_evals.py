@@ -11,7 +11,7 @@ from openvision_max.data.locate import DataError
 from openvision_max.data.records import Record, shard_name
 from openvision_max.evals import zeroshot
 
-from conftest import CONFIGS, JAX_CACHE_ENV, ROOT, tiny_config
+from conftest import CONFIGS, DEMO_CACHE, JAX_CACHE_ENV, ROOT, tiny_config
 from photo_data import png
 
 
@@ -86,13 +86,9 @@ def test_class_embeddings_average_templates_and_renormalise():
 
 def test_eval_only_reproduces_the_runs_own_zero_shot_figures(tmp_path):
     """A short demo run evaluates at its end; eval_only on its checkpoint must give the same figures."""
-    common = [f"base_output_directory={tmp_path}", f"data_cache_dir={tmp_path / 'cache'}",
+    common = [f"base_output_directory={tmp_path}", f"data_cache_dir={DEMO_CACHE}",
               "global_batch_size=16", "eval_batch_size=32"]
     env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV}
-    # The demo sets made ahead with 10 training shapes instead of 20,000 (15 s of generating, for 3 steps of
-    # 16); the eval sets are the demo's own.
-    from openvision_max.data import demo_data
-    demo_data.ensure_demo_data(tmp_path / "cache", shapes_train=10)
     train = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIGS / "demo.yml"), "run_name=run",
                             "steps=3", "log_period=1", "grain_worker_count=0", *common],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
