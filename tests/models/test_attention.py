@@ -181,3 +181,32 @@ def test_gpu_flash_takes_the_faster_kernel(dtype, head_dim, times, choice, probe
 def test_gpu_probe_without_a_gpu_measures_nothing():
     from openvision_max.models import gpu_attention
     assert gpu_attention.measure_on_gpu(attention.cudnn, (1, 8, 1, 8), jnp.bfloat16, None) is None
+
+
+def _reference_attention(q, k, v, prefix_len):
+    """Textbook softmax attention in fp32 (jax.nn.softmax and its own gradient rule)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
+    if prefix_len is not None:
+        logits = jnp.where(attention.prefix_lm_mask(q.shape[1], k.shape[1], prefix_len), logits, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("prefix_len", [None, 5])
+def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, capsys):
+    """fp32: output and gradients of q, k, v equal textbook attention's within fp32 rounding. bf16: the one
+    [B, H, T, T] tensor the backward pass keeps is the bf16 probabilities (not also an fp32 softmax output or
+    masked logits: 3x the memory of a decoder layer without remat)."""
+    q, k, v = _qkv((2, 11, 2, 8))
+    cot = jax.random.normal(jax.random.key(9), q.shape)
+    ours = jax.grad(lambda *x: jnp.sum(dot_product(*x, prefix_len=prefix_len) * cot), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *x: jnp.sum(_reference_attention(*x, prefix_len) * cot), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(dot_product(q, k, v, prefix_len=prefix_len),
+                               _reference_attention(q, k, v, prefix_len), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda *x: jnp.sum(dot_product(*x, prefix_len=prefix_len).astype(jnp.float32)), q16, k16, v16)
+    kept = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "[2,2,11,11]" in line]
+    assert kept == ["bf16[2,2,11,11]"]
