@@ -20,7 +20,6 @@ when a GPU is present; otherwise the table says "no GPU".
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 
 import jax
@@ -68,7 +67,7 @@ def padding_overhead(t: int, prefix: int | None, blocks: BlockSizes) -> float:
 
 def compile_op(cfg, mesh, kind: str, batch: int, t: int, prefix: int | None, heads: int, head_dim: int):
     """(memory bytes per device, modelled seconds) of attention fwd+bwd at these shapes on `mesh`."""
-    fn = attention.get(kind, **dict(attention.options(dataclasses.replace(cfg, attention=kind))))
+    fn = attention.get(kind, **dict(attention.options(cfg, kind)))
     spec = jax.sharding.NamedSharding(mesh, jax.P(sharding.BATCH_AXES, None, "tensor", None))
     x = jax.ShapeDtypeStruct((batch, t, heads, head_dim), jnp.bfloat16, sharding=spec)
 

@@ -44,6 +44,7 @@ class Tower:
     mlp_dim: int
     num_heads: int
     remat_policy: Optional[RematPolicy]  # null: use the top-level remat_policy
+    attention: Optional[Literal[ATTENTION_KINDS]]  # type: ignore[valid-type]  # null: the top-level attention
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +82,9 @@ class Derived:
     vision_remat_policy: str
     text_remat_policy: str
     decoder_remat_policy: str
+    vision_attention: str
+    text_attention: str
+    decoder_attention: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,9 +331,10 @@ def _check_backend(cfg: Config, platform: str) -> None:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     available = ATTENTION_AVAILABLE[platform]
-    if cfg.attention not in available:
-        raise ConfigError(
-            f"attention={cfg.attention!r} is not available on {platform}; available: {', '.join(available)}")
+    for key, kind in (("attention", cfg.attention),
+                      *((f"{n}.attention", getattr(cfg, n).attention) for n in ("vision", "text", "decoder"))):
+        if kind is not None and kind not in available:
+            raise ConfigError(f"{key}={kind!r} is not available on {platform}; available: {', '.join(available)}")
     for name in ("vision", "text", "decoder"):
         policy = getattr(cfg, name).remat_policy or cfg.remat_policy
         if policy.endswith("_offloaded") and platform not in OFFLOAD_PLATFORMS:
@@ -346,12 +351,14 @@ def _check_flash(cfg: Config, platform: str, tensor_shards: dict[str, int]) -> N
         value = getattr(cfg, key)
         if value <= 0 or value % FLASH_LANES:
             raise ConfigError(f"{key}={value} must be a positive multiple of {FLASH_LANES} (TPU vector lanes)")
-    if cfg.attention != "flash":
+    flash_towers = [n for n in ("vision", "text", "decoder")
+                    if (getattr(cfg, n).attention or cfg.attention) == "flash"]
+    if not flash_towers:
         return
     heads_axes = next((axes for name, axes in cfg.logical_axis_rules if name == "activation_heads"), None)
     heads_shards = math.prod(tensor_shards[a] for a in ([heads_axes] if isinstance(heads_axes, str)
                                                         else heads_axes or []))
-    for name in ("vision", "text", "decoder"):
+    for name in flash_towers:
         tower = getattr(cfg, name)
         d = tower.head_dim
         if platform != "gpu" and d > FLASH_LANES and d % FLASH_LANES:
@@ -422,5 +429,8 @@ def finalize(cfg: Config, *, platform: str, num_devices: int, num_slices: Option
         vision_remat_policy=cfg.vision.remat_policy or cfg.remat_policy,
         text_remat_policy=cfg.text.remat_policy or cfg.remat_policy,
         decoder_remat_policy=cfg.decoder.remat_policy or cfg.remat_policy,
+        vision_attention=cfg.vision.attention or cfg.attention,
+        text_attention=cfg.text.attention or cfg.attention,
+        decoder_attention=cfg.decoder.attention or cfg.attention,
     )
     return dataclasses.replace(cfg, derived=derived)

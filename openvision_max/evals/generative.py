@@ -57,9 +57,7 @@ class CaptionScorer:
             def one_caption(xs):
                 tgt, msk = xs
                 inputs, tgt, msk = teacher_forcing({"caption_targets": tgt, "caption_mask": msk})
-                logits = model.apply({"params": params}, tokens, inputs, keys, method=model.decode)
-                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                tok = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0] * msk
+                tok = model.apply({"params": params}, tokens, inputs, keys, tgt, method=model.decode) * msk
                 return jnp.sum(tok, axis=1), jnp.sum(msk, axis=1).astype(jnp.float32)
 
             # One caption position at a time over the batch: the logits of all prompts at once would be

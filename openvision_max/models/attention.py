@@ -154,9 +154,10 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def options(cfg: Any) -> tuple[tuple[str, Any], ...]:
-    """The keyword options `get` needs for `cfg.attention`, as a hashable tuple (for StackConfig)."""
-    if cfg.attention != "flash":
+def options(cfg: Any, kind: str) -> tuple[tuple[str, Any], ...]:
+    """The keyword options `get` needs for attention `kind` under `cfg`, as a hashable tuple (for
+    StackConfig)."""
+    if kind != "flash":
         return ()
     return (("platform", cfg.derived.platform), ("block_q", cfg.flash_block_q), ("block_kv", cfg.flash_block_kv),
             ("block_q_bwd", cfg.flash_block_q_bwd), ("block_kv_bwd", cfg.flash_block_kv_bwd))
@@ -164,5 +165,5 @@ def options(cfg: Any) -> tuple[tuple[str, Any], ...]:
 
 def get(kind: str, **opts: Any) -> Callable[..., jax.Array]:
     """The implementation for a config's `attention` value (validated by the config schema), with `opts`
-    (from `options(cfg)`) bound."""
+    (from `options(cfg, kind)`) bound."""
     return functools.partial(IMPLEMENTATIONS[kind], **opts) if opts else IMPLEMENTATIONS[kind]

@@ -4,8 +4,9 @@ Inputs are the (kept) patch tokens projected to the decoder width and the captio
 `[bos] caption[:-1]`. Fusion `concat`: one causal stack over [image tokens, caption tokens], whose caption
 positions predict the next token. Fusion `cross_attn`: the caption alone runs through depth / 2 pairs of
 causal self-attention and cross-attention (to the image tokens) blocks. Then a final LayerNorm and a
-bias-free head to the vocabulary, in fp32. No position embedding of the caption: the causal mask orders it
-(as in the original), and the image tokens carry the vision tower's 2-D positions.
+bias-free head to the vocabulary (models/vocab_head: fp32 logits, or the fused per-position NLL). No position
+embedding of the caption: the causal mask orders it (as in the original), and the image tokens carry the
+vision tower's 2-D positions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from openvision_max.models.layers import BATCH_LEN_EMBED, Stack, StackConfig, constrain, layer_norm, logical
+from openvision_max.models.vocab_head import VocabHead
 
 
 class CaptionLM(nn.Module):
@@ -25,8 +27,10 @@ class CaptionLM(nn.Module):
     fusion: str                  # "concat" or "cross_attn"
 
     @nn.compact
-    def __call__(self, image_tokens: jax.Array, caption_inputs: jax.Array) -> jax.Array:
-        """image_tokens [B, K, Dv], caption_inputs [B, T] int32 -> next-token logits [B, T, V] fp32."""
+    def __call__(self, image_tokens: jax.Array, caption_inputs: jax.Array, targets: jax.Array | None = None
+                 ) -> jax.Array:
+        """image_tokens [B, K, Dv], caption_inputs [B, T] int32 -> next-token logits [B, T, V] fp32; with
+        targets [B, T], each position's NLL [B, T] fp32 instead (vocab_head)."""
         dtype, width = self.stack.compute_dtype, self.stack.width
         image = nn.Dense(width, use_bias=False, dtype=dtype, name="image_proj",
                          kernel_init=logical(nn.initializers.normal(image_tokens.shape[-1] ** -0.5),
@@ -41,6 +45,5 @@ class CaptionLM(nn.Module):
         else:
             x = Stack(causal, name="transformer")(text, constrain(image, BATCH_LEN_EMBED))
         x = layer_norm("ln_final")(x.astype(jnp.float32))
-        logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
-                          kernel_init=logical(nn.initializers.normal(width ** -0.5), ("embed", "vocab")))(x)
-        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return VocabHead(self.vocab_size, dtype, kernel_init=nn.initializers.normal(width ** -0.5),
+                         name="head")(x, targets)

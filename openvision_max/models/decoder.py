@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from openvision_max.models.layers import BATCH_LEN_EMBED, Stack, StackConfig, constrain, layer_norm, logical
+from openvision_max.models.vocab_head import VocabHead
 
 
 class CaptionDecoder(nn.Module):
@@ -23,8 +24,10 @@ class CaptionDecoder(nn.Module):
     caption_length: int
 
     @nn.compact
-    def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
-        """image_tokens [B, N, Dv], text_tokens [B, L, Dt] -> logits [B, caption_length, V] fp32."""
+    def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array, targets: jax.Array | None = None
+                 ) -> jax.Array:
+        """image_tokens [B, N, Dv], text_tokens [B, L, Dt] -> logits [B, caption_length, V] fp32; with
+        targets [B, caption_length], each position's NLL [B, caption_length] fp32 instead (vocab_head)."""
         dtype = self.stack.compute_dtype
         width = self.stack.width
 
@@ -44,6 +47,4 @@ class CaptionDecoder(nn.Module):
         prefix = dataclasses.replace(self.stack, prefix_len=image_tokens.shape[1] + text_tokens.shape[1])
         x = Stack(prefix, name="transformer")(x)
         x = layer_norm("ln_final")(x[:, -self.caption_length:].astype(jnp.float32))
-        logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
-                          kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "vocab")))(x)
-        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return VocabHead(self.vocab_size, dtype, name="head")(x, targets)

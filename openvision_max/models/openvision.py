@@ -74,13 +74,15 @@ class OpenVision(nn.Module):
         """The contrastive embeddings only (no decoder): image_emb [B, E], text_emb [k * B, E]."""
         return {"image_emb": self.encode_image(images), "text_emb": self.encode_text(texts)}
 
-    def __call__(self, images: jax.Array, texts: jax.Array, token_keys: jax.Array | None = None
-                 ) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, texts: jax.Array, token_keys: jax.Array | None = None,
+                 caption_targets: jax.Array | None = None) -> dict[str, jax.Array]:
         """images [B, H, W, 3]; texts [k * B, L] with the B alt-texts first (the decoder reads those);
-        token_keys [B], one key per image for visual token masking (none: the decoder reads every patch).
+        token_keys [B], one key per image for visual token masking (none: the decoder reads every patch);
+        caption_targets [B, caption_length] int32, the recaption the decoder is scored on.
 
-        Returns image_emb [B, E] and text_emb [k * B, E] (L2-normalised, fp32), caption_logits
-        [B, caption_length, V] fp32, logit_scale = exp(t) and, for the sigmoid loss, logit_bias.
+        Returns image_emb [B, E] and text_emb [k * B, E] (L2-normalised, fp32), logit_scale = exp(t) and,
+        for the sigmoid loss, logit_bias; and caption_logits [B, caption_length, V] fp32 or, given
+        caption_targets, caption_nll [B, caption_length] fp32 (each position's NLL, without the logits).
         """
         b = images.shape[0]
         image_emb, image_tokens = self.vision(images)
@@ -88,11 +90,11 @@ class OpenVision(nn.Module):
         image_tokens, kept = keep_tokens(image_tokens, token_keys, self.spec.kept_patches)
         if kept is not None:
             self.sow("intermediates", "kept_indices", kept)
-        logits = self.decoder(image_tokens, text_tokens[:b])
+        caption = self.decoder(image_tokens, text_tokens[:b], caption_targets)
         return {
             "image_emb": l2_normalize(image_emb),
             "text_emb": l2_normalize(text_emb),
-            "caption_logits": logits,
+            "caption_logits" if caption_targets is None else "caption_nll": caption,
             **self.logit_params(),
         }
 
@@ -100,11 +102,11 @@ class OpenVision(nn.Module):
 def stack_config(cfg: Config, name: str, *, gelu_tanh: bool) -> StackConfig:
     """The StackConfig of tower `name` (vision, text or decoder); decoders set their own mask."""
     tower = getattr(cfg, name)
+    kind = getattr(cfg.derived, f"{name}_attention")
     return StackConfig(
         width=tower.width, depth=tower.depth, mlp_dim=tower.mlp_dim, num_heads=tower.num_heads,
         remat_policy=getattr(cfg.derived, f"{name}_remat_policy"), scan_layers=cfg.scan_layers,
-        attention=cfg.attention, dtype=cfg.dtype, gelu_tanh=gelu_tanh,
-        attention_options=attention.options(cfg))
+        attention=kind, dtype=cfg.dtype, gelu_tanh=gelu_tanh, attention_options=attention.options(cfg, kind))
 
 
 def build(cfg: Config) -> OpenVision:

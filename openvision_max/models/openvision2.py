@@ -50,19 +50,22 @@ class OpenVision2(nn.Module):
         return self.vision(images)[1]
 
     def decode(self, image_tokens: jax.Array, caption_inputs: jax.Array,
-               token_keys: jax.Array | None = None) -> jax.Array:
-        """Patch tokens [B, N, D] and caption inputs [B, T] -> logits [B, T, V] fp32; with token_keys [B] the
-        decoder reads the kept tokens only (their indices are sown as intermediates/kept_indices)."""
+               token_keys: jax.Array | None = None, targets: jax.Array | None = None) -> jax.Array:
+        """Patch tokens [B, N, D] and caption inputs [B, T] -> logits [B, T, V] fp32, or given targets [B, T]
+        each position's NLL [B, T] fp32; with token_keys [B] the decoder reads the kept tokens only (their
+        indices are sown as intermediates/kept_indices)."""
         image_tokens, kept = keep_tokens(image_tokens, token_keys, self.spec.kept_patches)
         if kept is not None:
             self.sow("intermediates", "kept_indices", kept)
-        return self.decoder(image_tokens, caption_inputs)
+        return self.decoder(image_tokens, caption_inputs, targets)
 
     def __call__(self, images: jax.Array, caption_inputs: jax.Array,
-                 token_keys: jax.Array | None = None) -> dict[str, jax.Array]:
+                 token_keys: jax.Array | None = None, targets: jax.Array | None = None) -> dict[str, jax.Array]:
         """images [B, H, W, 3] normalised, caption_inputs [B, T] int32 (`[bos] caption[:-1]`), token_keys
-        [B] (visual token masking; none: every patch) -> {"caption_logits": [B, T, V] fp32}."""
-        return {"caption_logits": self.decode(self.image_tokens(images), caption_inputs, token_keys)}
+        [B] (visual token masking; none: every patch) -> {"caption_logits": [B, T, V] fp32}, or given the
+        next tokens targets [B, T], {"caption_nll": [B, T] fp32}."""
+        out = self.decode(self.image_tokens(images), caption_inputs, token_keys, targets)
+        return {"caption_logits" if targets is None else "caption_nll": out}
 
 
 def build(cfg: Config) -> OpenVision2:

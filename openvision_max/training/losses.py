@@ -56,19 +56,18 @@ def contrastive(kind: str, image_emb: jax.Array, text_emb: jax.Array, logit_scal
     return 0.5 * (one(text_emb[:b]) + one(text_emb[b:]))
 
 
-def caption_nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum(nll * mask): the caption loss's numerator (microbatches add these up)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask.astype(jnp.float32))
+def caption_nll_sum(token_nll: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum(nll * mask) of per-position NLLs [B, Q] (models/vocab_head): the caption loss's numerator
+    (microbatches add these up)."""
+    return jnp.sum(token_nll * mask.astype(jnp.float32))
 
 
-def caption_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+def caption_loss(token_nll: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean token cross-entropy over the global batch: sum(nll * mask) / sum(mask).
 
-    logits [B, Q, V] fp32, targets [B, Q] int32, mask [B, Q] (1 where the target is a real token).
+    token_nll [B, Q] fp32, mask [B, Q] (1 where the target is a real token).
     """
-    return caption_nll_sum(logits, targets, mask) / caption_tokens(mask)
+    return caption_nll_sum(token_nll, mask) / caption_tokens(mask)
 
 
 def caption_tokens(mask: jax.Array) -> jax.Array:

@@ -47,10 +47,10 @@ def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
 def openvision_loss(model: nn.Module, cfg: Config, params: Any, batch: dict[str, jax.Array]):
     """Total = contrastive_weight x contrastive + caption_weight x caption; returns (total, parts)."""
     out = model.apply({"params": params}, normalize_images(batch["images"]), batch["texts"],
-                      batch.get("token_keys"))
+                      batch.get("token_keys"), batch["caption_targets"])
     contrastive = losses.contrastive(cfg.contrastive_loss, out["image_emb"], out["text_emb"],
                                      out["logit_scale"], out.get("logit_bias"))
-    caption = losses.caption_loss(out["caption_logits"], batch["caption_targets"], batch["caption_mask"])
+    caption = losses.caption_loss(out["caption_nll"], batch["caption_mask"])
     total = cfg.contrastive_weight * contrastive + cfg.caption_weight * caption
     return total, {"contrastive_loss": contrastive, "caption_loss": caption, "temperature": out["logit_scale"]}
 
@@ -92,8 +92,8 @@ def openvision_accumulated(model: nn.Module, cfg: Config, params: Any, batch: di
 
     def surrogate(p, mb_batch, g_img, g_txt):
         out = model.apply({"params": p}, normalize_images(mb_batch["images"]), mb_batch["texts"],
-                          mb_batch.get("token_keys"))
-        nll = losses.caption_nll_sum(out["caption_logits"], mb_batch["caption_targets"], mb_batch["caption_mask"])
+                          mb_batch.get("token_keys"), mb_batch["caption_targets"])
+        nll = losses.caption_nll_sum(out["caption_nll"], mb_batch["caption_mask"])
         linear = jnp.sum(out["image_emb"] * g_img) + jnp.sum(out["text_emb"] * g_txt)
         return cfg.contrastive_weight * linear + cfg.caption_weight * nll / tokens, nll
 
@@ -115,8 +115,9 @@ def openvision_accumulated(model: nn.Module, cfg: Config, params: Any, batch: di
 def _caption_nll_sum(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token NLLs, their mask) of a batch."""
     inputs, targets, mask = teacher_forcing(batch)
-    out = model.apply({"params": params}, normalize_images(batch["images"]), inputs, batch.get("token_keys"))
-    return losses.caption_nll_sum(out["caption_logits"], targets, mask), mask
+    out = model.apply({"params": params}, normalize_images(batch["images"]), inputs, batch.get("token_keys"),
+                      targets)
+    return losses.caption_nll_sum(out["caption_nll"], mask), mask
 
 
 def openvision2_loss(model: nn.Module, cfg: Config, params: Any, batch: dict[str, jax.Array]):

@@ -77,12 +77,28 @@ def test_wrong_type_names_key_type_value():
     (["ici_data_parallelism=3", "ici_fsdp_parallelism=1"], "uses 3 devices but 8 are available"),
     (["ici_data_parallelism=-1", "ici_fsdp_parallelism=-1"], "at most one ici"),
     (["attention=cudnn"], "attention='cudnn' is not available on cpu; available: dot_product, flash"),
+    (["decoder.attention=cudnn"], "decoder.attention='cudnn' is not available on cpu"),
+    (["vision.attention=flash", "vision.width=1040", "vision.num_heads=4"],
+     "vision has 260"),
     (["remat_policy=minimal_offloaded"], "offloads to host memory"),
     (["logical_axis_rules=[[embed, model]]"], "'model', which is not a mesh axis"),
 ])
 def test_impossible_combinations(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load(*args, num_devices=8)
+
+
+def test_attention_per_tower_defaults_to_the_top_level_key():
+    from openvision_max.models.openvision import stack_config
+    cfg = load("decoder.attention=flash")
+    assert (cfg.derived.vision_attention, cfg.derived.text_attention, cfg.derived.decoder_attention) == (
+        "dot_product", "dot_product", "flash")
+    assert stack_config(cfg, "decoder", gelu_tanh=True).attention == "flash"
+    assert dict(stack_config(cfg, "decoder", gelu_tanh=True).attention_options)["block_q"] == 128
+    assert stack_config(cfg, "vision", gelu_tanh=False).attention_options == ()
+    cfg = load("attention=flash", "text.attention=dot_product")
+    assert (cfg.derived.vision_attention, cfg.derived.text_attention, cfg.derived.decoder_attention) == (
+        "flash", "dot_product", "flash")
 
 
 def test_mesh_fill_and_dcn():

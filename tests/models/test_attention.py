@@ -126,7 +126,7 @@ def _attention_layer_memory(kind: str) -> int:
                        "global_batch_size=64", f"attention={kind}"])
     stack = StackConfig(width=1024, depth=1, mlp_dim=4096, num_heads=16, remat_policy="full", scan_layers=True,
                         attention=kind, dtype="bfloat16", gelu_tanh=False,
-                        attention_options=attention.options(cfg))
+                        attention_options=attention.options(cfg, kind))
     mesh = aot.build_mesh(cfg)
     layer = Attention(stack)
     x = jax.ShapeDtypeStruct((64, 577, 1024), jnp.bfloat16, sharding=sharding.batch_sharding(mesh))
