@@ -5,10 +5,14 @@ head_dim] so that one (batch, head) pair is a grid cell and a block is a [block,
 dimension is the full head_dim (72 and 80 work: a block dimension equal to the array's needs no 128
 multiple).
 
-Padding. The sequence is padded up to a multiple of both blocks (the TPU wants 128-multiple KV blocks, and
-197, 257, 577, 730, 80 and the decoder's lengths are not multiples of anything useful); padded keys are
-masked out and padded query rows are sliced off, so callers never see it. Blocks larger than the padded
-length are shrunk to it (T=80 runs as one 128 block, not a 512 one).
+Ragged tails. The grid covers the sequence rounded up to a multiple of both blocks (the TPU wants
+128-multiple KV blocks, and 197, 257, 577, 730, 80 and the decoder's lengths are not multiples of anything
+useful), but the arrays keep their real length: the last block of each runs past the end, Pallas reads
+unspecified values there and drops the writes. Blocks that reach past the end take the masked path, which
+zeroes the rows past the end of every input tile and masks keys and queries past it, so those values never
+reach a real row. (A padded copy of q, k, v and o around every call, as before, was a fifth of the modelled
+step of a ViT on TPU: head_dim 64 fills half the lanes and the pads were not fused.) Blocks larger than the
+rounded length are shrunk to it (T=80 runs as one 128 block, not a 512 one).
 
 Masks. `prefix_len=None` is bidirectional. `prefix_len=P` is the caption decoder's prefix-LM: key j is
 visible to query i when j < P or j <= i. A (query block, key block) pair is classified per grid step:
@@ -60,7 +64,8 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
-    """Static facts of one call: real and padded length, blocks, mask."""
+    """Static facts of one call: real length, the length rounded up to every block (for cost estimates),
+    blocks, mask."""
     seq_len: int
     padded_len: int
     block_q: int
@@ -68,13 +73,15 @@ class _Geometry:
     prefix_len: Optional[int]
     scale: float
 
+    # Grid extents: blocks that hold some of the sequence (a block wholly past its end would be a write out
+    # of bounds, not a dropped one).
     @property
     def num_q(self) -> int:
-        return self.padded_len // self.block_q
+        return -(-self.seq_len // self.block_q)
 
     @property
     def num_kv(self) -> int:
-        return self.padded_len // self.block_kv
+        return -(-self.seq_len // self.block_kv)
 
     # Block classification, on traced block indices (grid program ids).
     def needed(self, q_start, k_start):
@@ -85,9 +92,9 @@ class _Geometry:
         return ok
 
     def full(self, q_start, k_start):
-        """Every query row of the block sees every key of the block."""
+        """Every query row of the block sees every key of the block, and both lie within the sequence."""
         k_end = k_start + self.block_kv
-        ok = k_end <= self.seq_len
+        ok = (k_end <= self.seq_len) & (q_start + self.block_q <= self.seq_len)
         if self.prefix_len is not None:
             ok = ok & ((k_end <= self.prefix_len) | (k_end - 1 <= q_start))
         return ok
@@ -98,13 +105,20 @@ class _Geometry:
         shape = (self.block_kv, self.block_q) if keys_first else (self.block_q, self.block_kv)
         queries = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
         keys = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis)
-        ok = keys < self.seq_len
+        ok = (keys < self.seq_len) & (queries < self.seq_len)
         if self.prefix_len is not None:
             ok = ok & ((keys < self.prefix_len) | (keys <= queries))
         return ok
 
+    def rows(self, ref, start):
+        """The tile of `ref` ([block, D], rows from `start`) with its rows past the sequence zeroed: the
+        values Pallas reads there are unspecified (NaN included), and 0 * NaN would reach real rows."""
+        x = ref[...]
+        valid = start + lax.broadcasted_iota(jnp.int32, x.shape, 0) < self.seq_len
+        return jnp.where(valid, x, jnp.zeros_like(x))
+
     def has_mask(self) -> bool:
-        return self.padded_len != self.seq_len or self.prefix_len is not None
+        return bool(self.seq_len % self.block_q or self.seq_len % self.block_kv) or self.prefix_len is not None
 
     # Index-map clamps: skipped grid steps reuse the block of a needed step, so no new DMA is issued.
     def last_kv_block(self, qi):
@@ -166,8 +180,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, geo:
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
+    k_start = kj * geo.block_kv
+
     def body(mask):
-        s = _dot(q_ref[...], k_ref[...], (1, 1)) * geo.scale
+        k, v = (k_ref[...], v_ref[...]) if mask is None else (geo.rows(k_ref, k_start), geo.rows(v_ref, k_start))
+        s = _dot(q_ref[...], k, (1, 1)) * geo.scale
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_sc[...]
@@ -177,11 +194,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, geo:
         p = jnp.exp(s - m_new)
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-        v = v_ref[...]
         acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v, (1, 0))
         m_sc[...] = m_new
 
-    _run_masked(geo, qi * geo.block_q, kj * geo.block_kv, body)
+    _run_masked(geo, qi * geo.block_q, k_start, body)
 
     @pl.when(kj == geo.num_kv - 1)
     def _finish():
@@ -193,8 +209,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, geo:
 
 
 def _forward(q, k, v, geo: _Geometry, interpret):
-    """q, k, v [B, H, Tp, D] -> (o [B, H, Tp, D], lse [B, H, 1, Tp] f32)."""
-    b, h, tp, d = q.shape
+    """q, k, v [B, H, T, D] -> (o [B, H, T, D], lse [B, H, 1, T] f32)."""
+    b, h, t, d = q.shape
+    tp = geo.padded_len
     bq, bk = geo.block_q, geo.block_kv
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
     kv_spec = pl.BlockSpec((None, None, bk, d),
@@ -207,7 +224,7 @@ def _forward(q, k, v, geo: _Geometry, interpret):
         bytes_accessed=int(b * h * tp * d * itemsize * (2 + 2 * geo.num_q) + b * h * tp * 4))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, geo=geo),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, tp), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, t), jnp.float32)),
         grid=(b, h, geo.num_q, geo.num_kv),
         in_specs=[q_spec, kv_spec, kv_spec],
         out_specs=(q_spec, row_spec),
@@ -223,18 +240,29 @@ def _forward(q, k, v, geo: _Geometry, interpret):
 
 # --- Backward --------------------------------------------------------------------------------------------
 
-def _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo: _Geometry):
+def _tiles(q_ref, k_ref, v_ref, do_ref, mask, geo: _Geometry, q_start, k_start):
+    """q, k, v, dO tiles; in masked blocks with their rows past the sequence zeroed (`_Geometry.rows`)."""
+    if mask is None:
+        return q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    return (geo.rows(q_ref, q_start), geo.rows(k_ref, k_start), geo.rows(v_ref, k_start),
+            geo.rows(do_ref, q_start))
+
+
+def _probs_and_dscores(q, k, v, do, lse_ref, di_ref, mask, geo: _Geometry):
     """Recomputed probabilities and score gradients, keys first: pT, dsT [block_kv, block_q] f32.
 
     Keys-first lets the per-query statistics (lse, di) arrive as [1, block_q] rows, which broadcast down the
-    key axis as they are; it also makes dV and dK plain (untransposed) matmuls.
+    key axis as they are; it also makes dV and dK plain (untransposed) matmuls. In masked blocks both are
+    zero outside the mask (the statistics of query rows past the sequence are unspecified values).
     """
-    s_t = _dot(k_ref[...], q_ref[...], (1, 1)) * geo.scale
+    s_t = _dot(k, q, (1, 1)) * geo.scale
     if mask is not None:
         s_t = jnp.where(mask, s_t, MASK_VALUE)
     p_t = jnp.exp(s_t - lse_ref[...])
-    dp_t = _dot(v_ref[...], do_ref[...], (1, 1))
+    dp_t = _dot(v, do, (1, 1))
     ds_t = p_t * (dp_t - di_ref[...]) * geo.scale
+    if mask is not None:
+        p_t, ds_t = jnp.where(mask, p_t, 0.0), jnp.where(mask, ds_t, 0.0)
     return p_t, ds_t
 
 
@@ -247,19 +275,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
+    q_start, k_start = qi * geo.block_q, kj * geo.block_kv
+
     def body(mask):
-        p_t, ds_t = _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo)
-        do, q = do_ref[...], q_ref[...]
+        q, k, v, do = _tiles(q_ref, k_ref, v_ref, do_ref, mask, geo, q_start, k_start)
+        p_t, ds_t = _probs_and_dscores(q, k, v, do, lse_ref, di_ref, mask, geo)
         dv_sc[...] += _dot(p_t.astype(do.dtype), do, (1, 0))
         dk_sc[...] += _dot(ds_t.astype(q.dtype), q, (1, 0))
 
-    q_start = qi * geo.block_q
-    # Query rows past the real length only produce padding (their dO is zero): skip those blocks.
+    # Query blocks wholly past the sequence (the rounded grid of a longer backward block) have nothing.
     live = q_start < geo.seq_len
 
     @pl.when(live)
     def _live():
-        _run_masked(geo, q_start, kj * geo.block_kv, body, keys_first=True)
+        _run_masked(geo, q_start, k_start, body, keys_first=True)
 
     @pl.when(qi == geo.num_q - 1)
     def _finish():
@@ -274,12 +303,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *, g
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
+    q_start, k_start = qi * geo.block_q, kj * geo.block_kv
+
     def body(mask):
-        _, ds_t = _probs_and_dscores(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, mask, geo)
-        k = k_ref[...]
+        q, k, v, do = _tiles(q_ref, k_ref, v_ref, do_ref, mask, geo, q_start, k_start)
+        _, ds_t = _probs_and_dscores(q, k, v, do, lse_ref, di_ref, mask, geo)
         dq_sc[...] += _dot(ds_t.astype(k.dtype), k, (0, 0))
 
-    _run_masked(geo, qi * geo.block_q, kj * geo.block_kv, body, keys_first=True)
+    _run_masked(geo, q_start, k_start, body, keys_first=True)
 
     @pl.when(kj == geo.num_kv - 1)
     def _finish():
@@ -287,7 +318,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *, g
 
 
 def _backward(q, k, v, o, lse, do, geo: _Geometry, interpret):
-    b, h, tp, d = q.shape
+    b, h, _, d = q.shape
+    tp = geo.padded_len
     bq, bk = geo.block_q, geo.block_kv
     di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]  # rows, like lse
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
@@ -346,7 +378,7 @@ def _visible_fraction(geo: _Geometry) -> float:
     return visible / geo.padded_len ** 2
 
 
-# --- Custom VJP on the padded [B, H, Tp, D] layout ---------------------------------------------------------
+# --- Custom VJP on the [B, H, T, D] layout -----------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _flash(q, k, v, fwd_geo: _Geometry, bwd_geo: _Geometry, interpret):
@@ -395,8 +427,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Opt
     fwd_geo = geometry(blocks.block_q, blocks.block_kv)
     bwd_geo = geometry(blocks.block_q_bwd, blocks.block_kv_bwd)
 
-    def to_kernel(x):  # [B, T, H, D] -> [B, H, Tp, D]
-        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+    def to_kernel(x):  # [B, T, H, D] -> [B, H, T, D]
+        return jnp.swapaxes(x, 1, 2)
 
     out = _flash(to_kernel(q), to_kernel(k), to_kernel(v), fwd_geo, bwd_geo, interpret)
-    return jnp.swapaxes(out[:, :, :t], 1, 2)
+    return jnp.swapaxes(out, 1, 2)

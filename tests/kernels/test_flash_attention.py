@@ -81,11 +81,13 @@ def test_padded_length(seq, blocks, padded):
 @pytest.mark.parametrize("seq, prefix, bq, bk", [(403, 275, 128, 128), (783, 655, 256, 128), (197, None, 128, 256)])
 def test_block_classification_matches_the_mask(seq, prefix, bq, bk):
     """Skipped blocks see nothing, unmasked blocks see everything, and the index-map clamps fetch every block
-    that is computed: checked block by block against the dense mask (padded keys hidden)."""
+    that is computed: checked block by block against the dense mask (keys and query rows past the sequence
+    hidden: the last blocks reach past the arrays' end)."""
     tp = padded_length(seq, BlockSizes(bq, bk, bq, bk))
     geo = _Geometry(seq_len=seq, padded_len=tp, block_q=bq, block_kv=bk, prefix_len=prefix, scale=1.0)
     dense = np.array(prefix_lm_mask(tp, tp, tp if prefix is None else prefix))
     dense[:, seq:] = False
+    dense[seq:, :] = False
     skipped = 0
     for i in range(geo.num_q):
         for j in range(geo.num_kv):
@@ -100,8 +102,9 @@ def test_block_classification_matches_the_mask(seq, prefix, bq, bk):
                     first, last = geo.q_block_range(j)
                     assert int(first) <= i <= int(last)
     # Skipped: key blocks right of the prefix above the causal diagonal (403: block 3 for query blocks 0-2;
-    # 783: block 6 for query blocks 0-2) and key blocks of padding only (783 padded to 1024: block 7, x4).
-    assert skipped == {(403, 275): 3, (783, 655): 7, (197, None): 0}[(seq, prefix)]
+    # 783: block 6 for query blocks 0-2). The grid holds no block wholly past the sequence.
+    assert (geo.num_q, geo.num_kv) == (-(-seq // bq), -(-seq // bk))
+    assert skipped == {(403, 275): 3, (783, 655): 3, (197, None): 0}[(seq, prefix)]
 
 
 @pytest.mark.parametrize("seq, prefix, head_dim", [(197, None, 72), (403, 275, 80), (730, None, 128)])
