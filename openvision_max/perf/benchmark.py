@@ -45,7 +45,7 @@ MODES = ("aot", "measure")
 # What `--vs open_clip` does to our side: open_clip's CLIP has no caption decoder, so ours is cut to one
 # block of token size, which the report states.
 TOKEN_DECODER = ("decoder.depth=1", "decoder.width=64", "decoder.mlp_dim=64", "decoder.num_heads=1",
-                 "decoder.caption_length=2")
+                 "decoder.caption_length=8")
 
 
 class UsageError(ValueError):

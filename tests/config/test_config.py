@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from openvision_max.config import all_keys, load_config
+from openvision_max.config import all_keys, config_to_dict, load_config
 from openvision_max.config.schema import ConfigError
 
 from conftest import CONFIGS, ROOT, tiny_config
@@ -42,6 +42,21 @@ def test_base_yml_documents_every_key():
 def test_model_files_load(name):
     cfg = load_config([str(CONFIGS / f"{name}.yml")], platform="cpu", num_devices=1)
     assert cfg.image_size % cfg.patch_size == 0
+
+
+PERFORMANCE_KEYS = {"attention", "remat_policy", "scan_layers", "ici_data_parallelism", "ici_fsdp_parallelism"}
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "v5p-8").glob("*.yml")), ids=lambda p: p.stem)
+def test_topology_files_change_only_how_the_step_runs(path):
+    """configs/v5p-8/<model>.yml is <model>.yml with the speed keys of docs/performance.md: the same model,
+    recipe and stages, so that a run can switch between them (and resume across them)."""
+    tuned = config_to_dict(load_config([str(path)], platform="cpu", num_devices=4))
+    plain = config_to_dict(load_config([str(CONFIGS / path.name)], platform="cpu", num_devices=4))
+    differ = {k for k in tuned.keys() | plain.keys() if k not in ("derived", "run_name") and tuned.get(k) != plain.get(k)}
+    assert differ == PERFORMANCE_KEYS
+    assert (tuned["attention"], tuned["remat_policy"], tuned["scan_layers"]) == ("flash", "none", False)
+    assert list(tuned["derived"]["ici_mesh_shape"]) == [4, 1, 1] != list(plain["derived"]["ici_mesh_shape"])
 
 
 def test_overrides_types_and_nesting():
