@@ -80,6 +80,9 @@ VARIANTS = {
         Variant("data", (*TRAIN_TINY, ONE_STAGE, "grain_worker_count=2"), data=True),
     "python train.py configs/L14.yml compile_topology=v5p-256 global_batch_size=16384 image_size=224":
         Variant("aot", (*TINY, *WIDE, "global_batch_size=256", "stage=finetune_224")),
+    # Meant for a v5p-8 slice: here compiled for one (AOT), the tiny model at 4 per chip, flash kernels by Mosaic.
+    "python train.py configs/v5p-8/L14.yml stage=finetune_224 global_batch_size=256": Variant("v5p-8", (
+        *TINY, "global_batch_size=16", "compile_topology=v5p-8")),
     # The harness on the tiny model: two measured steps each side; one AOT point (one value per swept key).
     "python -m openvision_max.benchmark configs/B16.yml image_size=224 vision.depth=2 text.depth=2 "
     "global_batch_size=8 --mode measure --vs open_clip": Variant("bench", (*TINY, "--steps", "1", "--warmup", "1")),
@@ -207,6 +210,16 @@ def test_aot_command(tmp_path):
     proc = run(command, workspace(tmp_path))
     report = [json.loads(ln)["aot"] for ln in proc.stdout.splitlines() if ln.startswith('{"aot"')]
     assert [r["num_devices"] for r in report] == [128]
+
+
+def test_v5p8_command(tmp_path):
+    pytest.importorskip("libtpu")
+    (command,) = commands_of("v5p-8")
+    proc = run(command, workspace(tmp_path))
+    (report,) = [json.loads(ln)["aot"] for ln in proc.stdout.splitlines() if ln.startswith('{"aot"')]
+    # The file's pure data parallelism over the slice's 4 chips, and the step fits.
+    assert report["num_devices"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report["memory"]["fits"] and report["modelled_step_seconds"] > 0
 
 
 def test_demo_ov2_command(tmp_path):
