@@ -195,7 +195,8 @@ def _reference_attention(q, k, v, prefix_len):
 def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, capsys):
     """fp32: output and gradients of q, k, v equal textbook attention's within fp32 rounding. bf16: the one
     [B, H, T, T] tensor the backward pass keeps is the bf16 probabilities (not also an fp32 softmax output or
-    masked logits: 3x the memory of a decoder layer without remat)."""
+    masked logits: 3x the memory of a decoder layer without remat), and with a prefix-LM mask not the
+    block of it that the mask zeroes."""
     q, k, v = _qkv((2, 11, 2, 8))
     cot = jax.random.normal(jax.random.key(9), q.shape)
     ours = jax.grad(lambda *x: jnp.sum(dot_product(*x, prefix_len=prefix_len) * cot), argnums=(0, 1, 2))(q, k, v)
@@ -208,5 +209,8 @@ def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, caps
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
     jax.ad_checkpoint.print_saved_residuals(
         lambda *x: jnp.sum(dot_product(*x, prefix_len=prefix_len).astype(jnp.float32)), q16, k16, v16)
-    kept = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "[2,2,11,11]" in line]
-    assert kept == ["bf16[2,2,11,11]"]
+    lines = capsys.readouterr().out.splitlines()
+    kept = [line.split()[0] for line in lines if line.startswith(("bf16[2,2,", "f32[2,2,"))]  # [B, H, ...]
+    # With the prefix-LM mask: the prefix rows' [5, 5] and the query rows' [6, 11], not the masked [5, 6] block.
+    assert kept == (["bf16[2,2,11,11]"] if prefix_len is None else ["bf16[2,2,5,5]", "bf16[2,2,6,11]"])
+    assert not [line for line in lines if line.startswith("bf16[2,5,")]  # nor the prefix's slices of k, v
