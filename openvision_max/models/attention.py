@@ -63,7 +63,7 @@ def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix_len: Optiona
     With a prefix-LM mask (`prefix_lm`) the block of the probabilities that the mask zeroes is never formed."""
     t = q.shape[1]
     if prefix_len is None or prefix_len >= t:
-        return _softmax_attention(q, k, v, bias=None)
+        return _softmax_attention(q, k, v)
     return prefix_lm(q, k, v, prefix_len)
 
 
@@ -72,11 +72,8 @@ def _scaled_logits(q: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
 
 
-def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    logits = _scaled_logits(q, k)
-    if bias is not None:
-        logits = logits + bias
-    return jnp.einsum("bhqk,bkhd->bqhd", softmax_as(logits, v.dtype), v)
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_as(_scaled_logits(q, k), v.dtype), v)
 
 
 def _query_rows_bias(t: int, prefix_len: int) -> jax.Array:
