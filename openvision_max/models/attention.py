@@ -86,25 +86,49 @@ def _query_rows_bias(t: int, prefix_len: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def prefix_lm(q: jax.Array, k: jax.Array, v: jax.Array, prefix_len: int) -> jax.Array:
     """Prefix-LM attention in two parts: the prefix rows attend to the prefix only ([P, P] probabilities) and
-    the query rows to every key ([T - P, T]), so the [P, T - P] block that the mask zeroes is never formed: a
-    fifth of the decoder's [T, T] probabilities at L/14@224 (P = 335 of 463), which a decoder without remat
-    keeps for its backward pass in every layer. The backward pass keeps q, k, v and the two bf16 probability
-    tensors (autodiff of the two parts would also keep the prefix's slices of k and v, and two scaled q)."""
+    the query rows to every key ([T - P, T]), so the [P, T - P] block that the mask zeroes is never formed.
+
+    The backward pass keeps q, k, v and each row's fp32 log-sum-exp, and recomputes the probabilities from
+    them, as flash attention does: a decoder without remat would otherwise hold two bf16 probability tensors
+    per layer from the forward to the backward pass (0.26 GB a layer at L/14@224 and 64 samples per chip, 3.1
+    GB over its 12 layers), for one extra q k^T matmul per part in the backward pass."""
     return _prefix_lm_fwd(q, k, v, prefix_len)[0]
+
+
+def _softmax_and_lse(logits: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """softmax over the last axis in fp32, returned in `dtype` (the same operations as jax.nn.softmax), and
+    the rows' fp32 log-sum-exp, from which `_probabilities` recomputes it."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(logits - top)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    return (unnormalised / total).astype(dtype), top + jnp.log(total)
+
+
+def _probabilities(logits: jax.Array, lse: jax.Array, dtype: Any) -> jax.Array:
+    """The forward pass's probabilities again, within fp32 rounding: exp(logits - log-sum-exp)."""
+    return jnp.exp(logits - lse).astype(dtype)
+
+
+def _prefix_lm_parts(q, k, prefix_len):
+    """The two parts' fp32 logits: prefix rows over the prefix keys, query rows (masked) over every key."""
+    p = prefix_len
+    return (_scaled_logits(q[:, :p], k[:, :p]),
+            _scaled_logits(q[:, p:], k) + _query_rows_bias(q.shape[1], p))
 
 
 def _prefix_lm_fwd(q, k, v, prefix_len):
     p = prefix_len
-    probs_prefix = softmax_as(_scaled_logits(q[:, :p], k[:, :p]), v.dtype)
-    probs_queries = softmax_as(_scaled_logits(q[:, p:], k) + _query_rows_bias(q.shape[1], p), v.dtype)
+    logits_prefix, logits_queries = _prefix_lm_parts(q, k, p)
+    probs_prefix, lse_prefix = _softmax_and_lse(logits_prefix, v.dtype)
+    probs_queries, lse_queries = _softmax_and_lse(logits_queries, v.dtype)
     out = jnp.concatenate([jnp.einsum("bhqk,bkhd->bqhd", probs_prefix, v[:, :p]),
                            jnp.einsum("bhqk,bkhd->bqhd", probs_queries, v)], axis=1)
-    return out, (q, k, v, probs_prefix, probs_queries)
+    return out, (q, k, v, lse_prefix, lse_queries)
 
 
 def _attention_part_bwd(q, k, v, probs, g):
-    """Gradients of q, k, v for one part, out = softmax(q k^T * scale + bias) v, from its kept probabilities:
-    the same matmul and softmax forms as autodiff of `_softmax_attention` (fp32 softmax gradient)."""
+    """Gradients of q, k, v for one part, out = softmax(q k^T * scale + bias) v, from its probabilities: the
+    same matmul and softmax forms as autodiff of `_softmax_attention` (fp32 softmax gradient)."""
     scale = q.shape[-1] ** -0.5
     d_v = jnp.einsum("bhqk,bqhd->bkhd", probs, g)
     d_probs = jnp.einsum("bqhd,bkhd->bhqk", g, v)
@@ -117,9 +141,15 @@ def _attention_part_bwd(q, k, v, probs, g):
 
 
 def _prefix_lm_bwd(prefix_len, residuals, g):
-    q, k, v, probs_prefix, probs_queries = residuals
+    # Tied to the incoming gradient, the recompute can neither be merged with the forward's q k^T (which
+    # would keep its fp32 logits instead) nor be scheduled before this layer's backward pass begins.
+    q, k, lse_prefix, lse_queries, g = jax.lax.optimization_barrier(residuals[:2] + residuals[3:] + (g,))
+    v = residuals[2]
     p = prefix_len
     g = g.astype(v.dtype)
+    logits_prefix, logits_queries = _prefix_lm_parts(q, k, p)
+    probs_prefix = _probabilities(logits_prefix, lse_prefix, v.dtype)
+    probs_queries = _probabilities(logits_queries, lse_queries, v.dtype)
     dq_p, dk_p, dv_p = _attention_part_bwd(q[:, :p], k[:, :p], v[:, :p], probs_prefix, g[:, :p])
     dq_q, dk_q, dv_q = _attention_part_bwd(q[:, p:], k, v, probs_queries, g[:, p:])
     tail = ((0, 0), (0, k.shape[1] - p), (0, 0), (0, 0))

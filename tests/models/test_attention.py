@@ -193,10 +193,10 @@ def _reference_attention(q, k, v, prefix_len):
 
 @pytest.mark.parametrize("prefix_len", [None, 5])
 def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, capsys):
-    """fp32: output and gradients of q, k, v equal textbook attention's within fp32 rounding. bf16: the one
-    [B, H, T, T] tensor the backward pass keeps is the bf16 probabilities (not also an fp32 softmax output or
-    masked logits: 3x the memory of a decoder layer without remat), and with a prefix-LM mask not the
-    block of it that the mask zeroes."""
+    """fp32: output and gradients of q, k, v equal textbook attention's within fp32 rounding. bf16: unmasked,
+    the one [B, H, T, T] tensor the backward pass keeps is the bf16 probabilities (not also an fp32 softmax
+    output or masked logits: 3x the memory of a decoder layer without remat); with a prefix-LM mask it keeps
+    none, only each row's log-sum-exp (and q, k, v, not the prefix's slices of them)."""
     q, k, v = _qkv((2, 11, 2, 8))
     cot = jax.random.normal(jax.random.key(9), q.shape)
     ours = jax.grad(lambda *x: jnp.sum(dot_product(*x, prefix_len=prefix_len) * cot), argnums=(0, 1, 2))(q, k, v)
@@ -211,6 +211,7 @@ def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, caps
         lambda *x: jnp.sum(dot_product(*x, prefix_len=prefix_len).astype(jnp.float32)), q16, k16, v16)
     lines = capsys.readouterr().out.splitlines()
     kept = [line.split()[0] for line in lines if line.startswith(("bf16[2,2,", "f32[2,2,"))]  # [B, H, ...]
-    # With the prefix-LM mask: the prefix rows' [5, 5] and the query rows' [6, 11], not the masked [5, 6] block.
-    assert kept == (["bf16[2,2,11,11]"] if prefix_len is None else ["bf16[2,2,5,5]", "bf16[2,2,6,11]"])
+    # With the prefix-LM mask no probabilities at all: the prefix rows' and the query rows' fp32 log-sum-exp,
+    # from which the backward pass recomputes them.
+    assert kept == (["bf16[2,2,11,11]"] if prefix_len is None else ["f32[2,2,5,1]", "f32[2,2,6,1]"])
     assert not [line for line in lines if line.startswith("bf16[2,5,")]  # nor the prefix's slices of k, v
