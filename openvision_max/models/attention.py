@@ -98,7 +98,7 @@ def prefix_lm(q: jax.Array, k: jax.Array, v: jax.Array, prefix_len: int) -> jax.
 def _softmax_and_lse(logits: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """softmax over the last axis in fp32, returned in `dtype` (the same operations as jax.nn.softmax), and
     the rows' fp32 log-sum-exp, from which `_probabilities` recomputes it."""
-    top = jnp.max(logits, axis=-1, keepdims=True)
+    top = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)  # initial: a causal decoder's empty prefix
     unnormalised = jnp.exp(logits - top)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
     return (unnormalised / total).astype(dtype), top + jnp.log(total)

@@ -191,7 +191,7 @@ def _reference_attention(q, k, v, prefix_len):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
 
 
-@pytest.mark.parametrize("prefix_len", [None, 5])
+@pytest.mark.parametrize("prefix_len", [None, 5, 0])
 def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, capsys):
     """fp32: output and gradients of q, k, v equal textbook attention's within fp32 rounding. bf16: unmasked,
     the one [B, H, T, T] tensor the backward pass keeps is the bf16 probabilities (not also an fp32 softmax
@@ -212,6 +212,7 @@ def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, caps
     lines = capsys.readouterr().out.splitlines()
     kept = [line.split()[0] for line in lines if line.startswith(("bf16[2,2,", "f32[2,2,"))]  # [B, H, ...]
     # With the prefix-LM mask no probabilities at all: the prefix rows' and the query rows' fp32 log-sum-exp,
-    # from which the backward pass recomputes them.
-    assert kept == (["bf16[2,2,11,11]"] if prefix_len is None else ["f32[2,2,5,1]", "f32[2,2,6,1]"])
+    # from which the backward pass recomputes them (prefix_len 0: a causal decoder, an empty prefix).
+    assert kept == (["bf16[2,2,11,11]"] if prefix_len is None
+                    else [f"f32[2,2,{prefix_len},1]", f"f32[2,2,{11 - prefix_len},1]"])
     assert not [line for line in lines if line.startswith("bf16[2,5,")]  # nor the prefix's slices of k, v
