@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import Literal
 
 from openvision_max.config import load_config
 from openvision_max.config.schema import ConfigError
@@ -216,3 +217,23 @@ def test_dot_product_keeps_only_its_compute_dtype_probabilities(prefix_len, caps
     assert kept == (["bf16[2,2,11,11]"] if prefix_len is None
                     else [f"f32[2,2,{prefix_len},1]", f"f32[2,2,{11 - prefix_len},1]"])
     assert not [line for line in lines if line.startswith("bf16[2,5,")]  # nor the prefix's slices of k, v
+
+
+def test_prefix_lm_recomputes_its_probabilities_only_once_the_gradient_arrives():
+    """The backward pass's q k^T reads q and k through an optimization_barrier that also holds the incoming
+    gradient. Without it XLA merges the recompute with the forward's q k^T and keeps the fp32 logits (or, with
+    q and k alone in the barrier, runs every layer's recompute early). Modelled on v5p-8 at 64 per chip, a
+    2/2/4-block proxy of L/14@224 needs 5.68 GB of temporaries without the barrier, 3.36 GB with it
+    (docs/performance.md)."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv((2, 11, 2, 8)))
+    _, backward = jax.vjp(lambda *x: dot_product(*x, prefix_len=5), q, k, v)
+    jaxpr = jax.make_jaxpr(backward)(jnp.ones_like(q)).jaxpr
+    (barrier,) = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    assert jaxpr.invars[0] in barrier.invars  # the cotangent
+    after = set(barrier.outvars)
+    for eqn in jaxpr.eqns:
+        if any(x in after for x in eqn.invars if not isinstance(x, Literal)):
+            after.update(eqn.outvars)
+        if eqn.primitive.name == "dot_general":
+            # every matmul of the backward pass (the logits' recompute first) waits for the barrier
+            assert any(x in after for x in eqn.invars), eqn
