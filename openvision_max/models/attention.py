@@ -143,8 +143,8 @@ def _attention_part_bwd(q, k, v, probs, g):
 def _prefix_lm_bwd(prefix_len, residuals, g):
     # Tied to the incoming gradient, the recompute can neither be merged with the forward's q k^T (which
     # would keep its fp32 logits instead) nor be scheduled before this layer's backward pass begins.
-    q, k, lse_prefix, lse_queries, g = jax.lax.optimization_barrier(residuals[:2] + residuals[3:] + (g,))
-    v = residuals[2]
+    q, k, v, lse_prefix, lse_queries = residuals
+    q, k, lse_prefix, lse_queries, g = jax.lax.optimization_barrier((q, k, lse_prefix, lse_queries, g))
     p = prefix_len
     g = g.astype(v.dtype)
     logits_prefix, logits_queries = _prefix_lm_parts(q, k, p)
