@@ -40,7 +40,7 @@ def softmax_as(logits: jax.Array, dtype: Any) -> jax.Array:
     only that `dtype` output. (jax.nn.softmax's rule keeps its fp32 output too: with bf16 compute that is a
     second, twice as large copy of every [B, H, T, T] probability tensor, 0.9 GB per decoder layer at L/14@224
     and 64 samples per chip, held from the forward to the backward pass of a tower without remat.)"""
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+    return _softmax_and_lse(logits.astype(jnp.float32), dtype)[0]
 
 
 def _softmax_as_fwd(logits, dtype):
@@ -96,8 +96,8 @@ def prefix_lm(q: jax.Array, k: jax.Array, v: jax.Array, prefix_len: int) -> jax.
 
 
 def _softmax_and_lse(logits: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """softmax over the last axis in fp32, returned in `dtype` (the same operations as jax.nn.softmax), and
-    the rows' fp32 log-sum-exp, from which `_probabilities` recomputes it."""
+    """softmax over the last axis of fp32 `logits`, returned in `dtype` (the same operations as
+    jax.nn.softmax), and the rows' fp32 log-sum-exp, from which `_probabilities` recomputes it."""
     top = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)  # initial: a causal decoder's empty prefix
     unnormalised = jnp.exp(logits - top)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
