@@ -16,6 +16,8 @@ import sys
 import time
 
 import pytest
+from openvision_max.launch.local_cluster import xla_flags
+
 from conftest import DEMO_CACHE, ROOT, TINY
 
 README = (ROOT / "README.md").read_text()
@@ -123,7 +125,7 @@ def run(command: str, cwd, data_root=None, extra=()) -> subprocess.CompletedProc
         argv[0] = str(ROOT / ".venv" / "bin" / "tensorboard") if (ROOT / ".venv/bin/tensorboard").exists() \
             else "tensorboard"
     # A user's shell: one CPU device, not the 8 fake ones of this test process.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS"), 1)}
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     print(f"{time.perf_counter() - start:.1f} s: {command}")

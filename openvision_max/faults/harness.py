@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from openvision_max.launch.local_cluster import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = ["image_size=32", "patch_size=8", "embed_dim=32", "global_batch_size=8",
          "vision.width=32", "vision.depth=2", "vision.mlp_dim=64", "vision.num_heads=2",
@@ -55,7 +57,7 @@ class Trainer:
     offset: int = 0  # where this attempt's output begins in `log` (attempts of one run share the file)
 
     def start(self) -> Trainer:
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+        env = {**os.environ, "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS"), 1), "JAX_PLATFORMS": "cpu",
                "OPENVISION_FAULTS": json.dumps({**self.faults, "key_log": str(self.key_log)})}
         with open(self.log, "a") as f:
             self.offset = f.tell()
@@ -211,7 +213,7 @@ def disk_full_session(args: list[str], mount: pathlib.Path, size_bytes: int, kee
     `train.py args` until it fails, the tmpfs grown to 4x (the operator freeing space), the same command
     again; then the run directory copied to `keep`. Returns both exit statuses. The namespace, and the tmpfs
     with it, ends with the session's processes."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS"), 1), "JAX_PLATFORMS": "cpu",
            "OPENVISION_FAULTS": json.dumps({"key_log": str(key_log)})}
     train = " ".join(shlex.quote(a) for a in [sys.executable, str(ROOT / "train.py"), *args])
     script = "\n".join([

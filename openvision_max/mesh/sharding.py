@@ -62,12 +62,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def init_sharded(cfg: Config, mesh: Mesh, init_fn: Callable[[jax.Array], Any], rng: jax.Array) -> Any:
-    """Runs `init_fn(rng)` (returning a tree of `nn.Partitioned` boxes) straight into its sharded layout.
+def init_sharded(cfg: Config, mesh: Mesh, init_fn: Callable[[jax.Array], Any], rng: jax.Array,
+                 shardings: Any = None) -> Any:
+    """Runs `init_fn(rng)` (returning a tree of `nn.Partitioned` boxes) straight into its sharded layout:
+    `shardings` (the unboxed tree's), else those its logical axis names give (one more trace of `init_fn`).
 
     Returns the unboxed tree; nothing is ever materialised replicated on one device.
     """
     with activate(cfg, mesh):
-        abstract = jax.eval_shape(init_fn, rng)
-        shardings = logical_to_shardings(cfg, mesh, nn.get_partition_spec(abstract))
+        if shardings is None:
+            abstract = jax.eval_shape(init_fn, rng)
+            shardings = logical_to_shardings(cfg, mesh, nn.get_partition_spec(abstract))
         return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)

@@ -20,7 +20,8 @@ from openvision_max.models import flops
 from openvision_max.observe.observer import Observer
 from openvision_max.training import checkpointing, objectives, optimizer
 from openvision_max.training.metrics import MetricsWriter, Progress, say
-from openvision_max.training.step import TrainState, abstract_state, create_state, jit_train_step, state_from_params
+from openvision_max.training.step import (TrainState, abstract_state, create_state, jit_train_step, shardings_of,
+                                         state_from_params)
 
 
 class TrainingStopped(RuntimeError):
@@ -53,10 +54,10 @@ class StepTimer:
 
 
 def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointer, params: Any,
-                   params_path: str, resume) -> tuple[TrainState, dict | None]:
+                   params_path: str, resume, abstract: TrainState) -> tuple[TrainState, dict | None]:
     """(state, data iterator state or None) for the start of this stage: resumed from `resume`, else a fresh
-    optimiser around `params` (the previous stage's) or the parameters at `params_path`, else a new init."""
-    abstract = abstract_state(model, tx, cfg, mesh)
+    optimiser around `params` (the previous stage's) or the parameters at `params_path`, else a new init.
+    `abstract` is the stage's `abstract_state`."""
     if resume is not None:
         state, meta = ckpt.restore(resume.step, abstract)
         # A checkpoint taken inside a run of bad steps holds the saturated counter, which would freeze every
@@ -67,9 +68,8 @@ def _initial_state(cfg: Config, model, tx, mesh, ckpt: checkpointing.Checkpointe
     if params is None and params_path:
         params = checkpointing.load_parameters(params_path, abstract.params)
     if params is None:
-        return create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed)), None
-    state_sh = jax.tree.map(lambda a: a.sharding, abstract)
-    return state_from_params(tx, state_sh, params), None
+        return create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed), shardings_of(abstract)), None
+    return state_from_params(tx, shardings_of(abstract), params), None
 
 
 def _own_data_state(meta: dict, step: int) -> dict | None:
@@ -136,8 +136,10 @@ def run_stage(cfg: Config, ckpt: checkpointing.Checkpointer, guard: checkpointin
 def _steps(cfg: Config, ckpt, guard, writer, obs: Observer, peak, params, params_path, resume, mesh, model, tx,
            data, evals: EvalRunner) -> StageResult:
     name, offset = cfg.derived.stage_name, cfg.derived.step_offset
-    state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params, params_path, resume)
-    step_fn = jit_train_step(model, tx, cfg, mesh)
+    # The init traced once for the stage's shapes and shardings (each trace is a pass over the whole model).
+    abstract = abstract_state(model, tx, cfg, mesh)
+    state, data_state = _initial_state(cfg, model, tx, mesh, ckpt, params, params_path, resume, abstract)
+    step_fn = jit_train_step(model, tx, cfg, mesh, shardings_of(abstract))
     if data_state is not None:
         data.set_state(data_state)
     start = int(state.step)

@@ -55,6 +55,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _tensorboardx_writer():
+    """tensorboardX's SummaryWriter, imported here (only the trainer needs it) and without torch.
+
+    tensorboardX imports torch whenever it is installed (the `export` extra installs it), only to recognise
+    torch tensors, which the trainer never passes: 3-4 s of every start. A `None` entry in sys.modules makes
+    that import fail as if torch were absent; it is removed again at once, so a later `import torch` works."""
+    import sys
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends to metrics.jsonl, prints a line, and writes TensorBoard scalars under <run_dir>/tensorboard."""
 
@@ -67,7 +85,7 @@ class MetricsWriter:
         self._pending: dict[str, list[str]] = {}  # gs:// lines not yet appended, per file of the run directory
         self._flushed = time.monotonic()
         if self.enabled:
-            from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
+            SummaryWriter = _tensorboardx_writer()
             if is_remote(run_dir):
                 gcs.use_compose_for_tensorboard()
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)

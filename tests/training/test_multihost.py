@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from openvision_max.launch.local_cluster import child_env, free_port
+from openvision_max.launch.local_cluster import child_env, free_port, xla_flags
 
 from conftest import CONFIGS, ROOT, TINY
 
@@ -73,7 +73,7 @@ def losses(run_dir):
 
 
 def one_process(tmp_path, args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(os.environ.get("XLA_FLAGS"), 8)}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from openvision_max.launch.local_cluster import xla_flags
+
 from conftest import CONFIGS, ROOT
 
 # The demo model with a small vocabulary: these tests check the binary's mechanics, and the 32,000-way
@@ -23,7 +25,7 @@ REQUIRED = {"step", "stage", "loss", "contrastive_loss", "caption_loss", "learni
 
 def env(devices: int) -> dict:
     e = dict(os.environ)
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = xla_flags(e.get("XLA_FLAGS"), devices)
     return e
 
 
