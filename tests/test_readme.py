@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from openvision_max.launch.local_cluster import xla_flags
+from openvision_max.mesh.host_devices import xla_flags
 
 from conftest import DEMO_CACHE, ROOT, TINY
 

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from openvision_max.launch.local_cluster import xla_flags
+from openvision_max.mesh.host_devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = ["image_size=32", "patch_size=8", "embed_dim=32", "global_batch_size=8",

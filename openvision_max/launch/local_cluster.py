@@ -13,7 +13,6 @@ import ctypes
 import dataclasses
 import os
 import pathlib
-import re
 import signal
 import socket
 import subprocess
@@ -22,6 +21,8 @@ import tempfile
 import time
 from typing import IO, Callable, Optional
 
+from openvision_max.mesh.host_devices import DEVICE_COUNT_FLAG, xla_flags
+
 PROG = "python -m openvision_max.launch local"
 TRAIN_PY = pathlib.Path(__file__).resolve().parents[2] / "train.py"
 DEFAULT_GRACE = 30.0
@@ -29,7 +30,6 @@ TIMEOUT_STATUS = 124          # as timeout(1)
 TAIL_LINES = 20
 POLL_S = 0.05
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 DESCRIPTION = f"""\
 Start N processes of `python train.py CONFIG key=value ...` on this machine, as N hosts of one JAX
@@ -128,12 +128,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def xla_flags(existing: Optional[str], devices: int) -> str:
-    """`existing` XLA_FLAGS with the host device count set to `devices` (any earlier count removed)."""
-    kept = [f for f in (existing or "").split() if not re.fullmatch(rf"{DEVICE_COUNT_FLAG}(=.*)?", f)]
-    return " ".join([*kept, f"{DEVICE_COUNT_FLAG}={devices}"])
 
 
 def child_env(base: dict, *, process_id: int, processes: int, devices: int, coordinator: str) -> dict:

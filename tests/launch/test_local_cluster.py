@@ -16,7 +16,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from openvision_max.launch.local_cluster import exit_status, xla_flags
+from openvision_max.launch.local_cluster import exit_status
+from openvision_max.mesh.host_devices import xla_flags
 
 LAUNCH = [sys.executable, "-m", "openvision_max.launch", "local"]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from openvision_max.launch.local_cluster import xla_flags
+from openvision_max.mesh.host_devices import xla_flags
 from openvision_max.training import fault_hooks as hooks
 from openvision_max.observe import goodput, timeline
 

