@@ -22,10 +22,14 @@ from conftest import DEMO_CACHE, ROOT, TINY
 
 README = (ROOT / "README.md").read_text()
 # What every training command of the README adds: the tiny model, one step, synthetic data unless it asks
-# for grain, no evals. Later arguments win, so these shrink the README's batch and model.
-TRAIN_TINY = [*TINY, "steps=1", "global_batch_size=8", "log_period=1", "evals=[]"]
-# The model files carry a three-stage recipe, 10-15 s of compiling per stage here: one command runs all three
-# (as documented), the others one stage (stage transitions have their own tests in test_train_binary.py).
+# for grain, no evals. Later arguments win, so these shrink the README's batch and model. One learning-rate
+# schedule for all: the schedule's constants are part of the compiled step, so with the stages' own (each
+# stage of a model file has its base_lr and warmup) every stage and command compiled a program of its own;
+# with these the model files' tiny steps are one program, compiled once and then read from the cache.
+TRAIN_TINY = [*TINY, "steps=1", "global_batch_size=8", "log_period=1", "evals=[]", "base_lr=1e-4",
+              "warmup_steps=0"]
+# The model files carry a three-stage recipe: one command runs all three (as documented), the others one stage
+# (stage transitions have their own tests in test_train_binary.py).
 ONE_STAGE = "stage=finetune_224"
 # FSDP over the 128 chips of the README's v5p-256 needs every sharded dimension divisible by 128.
 WIDE = ["embed_dim=128", *(f"{t}.{k}={v}" for t in ("vision", "text", "decoder")
