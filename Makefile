@@ -27,7 +27,7 @@ $(STAMP_TEST): $(STAMP)
 	touch $(STAMP_TEST)
 
 test: install-test
-	$(PY) -m pytest tests -n 3 --dist worksteal
+	$(PY) -m pytest tests -n 2 --dist worksteal
 
 demo: install
 	$(PY) train.py configs/demo.yml
