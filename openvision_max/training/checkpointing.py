@@ -201,9 +201,10 @@ class Checkpointer:
             if isinstance(e, SaveFailed):
                 raise
             self._failed = True
-            # The failed save's other write tasks are reported again by asyncio when they are collected.
-            logging.getLogger("asyncio").addFilter(
-                lambda record: not record.getMessage().startswith("Task exception was never retrieved"))
+            # The failed save's other write tasks and their gathering futures are reported again by asyncio
+            # when they are collected ("Task ..." or "Future exception was never retrieved", with tracebacks).
+            logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith(
+                ("Task exception was never retrieved", "Future exception was never retrieved")))
             complete = [s for s in self._manager.all_steps() if s != self._writing]
             failed = self._writing if self._writing is not None and self._writing not in complete else step
             last = f"step {max(complete)}" if complete else "none"
