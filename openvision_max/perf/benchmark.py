@@ -205,16 +205,17 @@ class TrainStep:
         from openvision_max.data.synthetic import SyntheticIterator
         from openvision_max.mesh.sharding import activate, create_mesh
         from openvision_max.training import optimizer
-        from openvision_max.training.step import create_state, jit_train_step
+        from openvision_max.training.step import abstract_state, create_state, jit_train_step, shardings_of
 
         self.cfg, self._jax = cfg, jax
         mesh = create_mesh(cfg)
         model, tx = models.build(cfg), optimizer.build(cfg)
         with activate(cfg, mesh):
-            self.state = create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed))
+            state_sh = shardings_of(abstract_state(model, tx, cfg, mesh))
+            self.state = create_state(model, tx, cfg, mesh, jax.random.key(cfg.seed), shardings=state_sh)
             self.batch = next(SyntheticIterator(cfg, mesh))
             t0 = time.perf_counter()
-            lowered = jit_train_step(model, tx, cfg, mesh).lower(self.state, self.batch)
+            lowered = jit_train_step(model, tx, cfg, mesh, state_sh=state_sh).lower(self.state, self.batch)
             self.dot_forms = dot_forms(lowered.as_text())
             self.compiled = lowered.compile()
             self.compile_s = time.perf_counter() - t0

@@ -65,8 +65,8 @@ def compile_train_step(cfg: Config):
     _prefer_cpu_backend()
     mesh = build_mesh(cfg)
     model, tx = models.build(cfg), optimizer.build(cfg)
-    step_fn = train_step.jit_train_step(model, tx, cfg, mesh)
     state, batch = train_step.abstract_state(model, tx, cfg, mesh), abstract_batch(cfg, mesh)
+    step_fn = train_step.jit_train_step(model, tx, cfg, mesh, state_sh=train_step.shardings_of(state))
     t0 = time.perf_counter()
     with sharding.activate(cfg, mesh):
         lowered = step_fn.lower(state, batch)

@@ -77,6 +77,27 @@ def _drop_closed_loop_noise(unraisable, previous=sys.unraisablehook) -> None:
 sys.unraisablehook = _drop_closed_loop_noise
 
 
+class _OrbaxUnretrievedErrors(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" for Orbax's own write tasks: when one write
+    of a save fails, the save's error reaches the trainer (which says it once), and the sibling writes that
+    failed too are reported again with a traceback each when they are collected, at any time, often before
+    the trainer has seen the first (so the filter is in place from the start, not from the failure on)."""
+    PREFIXES = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.PREFIXES) or not record.exc_info:
+            return True
+        tb = record.exc_info[2]
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
+logging.getLogger("asyncio").addFilter(_OrbaxUnretrievedErrors())
+
+
 def _out_of_space(error: BaseException | None) -> bool:
     """Whether `error` or one it was raised from is a full disk (ENOSPC; TensorStore says os_error_code 28)."""
     while error is not None:
@@ -201,10 +222,6 @@ class Checkpointer:
             if isinstance(e, SaveFailed):
                 raise
             self._failed = True
-            # The failed save's other write tasks and their gathering futures are reported again by asyncio
-            # when they are collected ("Task ..." or "Future exception was never retrieved", with tracebacks).
-            logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith(
-                ("Task exception was never retrieved", "Future exception was never retrieved")))
             complete = [s for s in self._manager.all_steps() if s != self._writing]
             failed = self._writing if self._writing is not None and self._writing not in complete else step
             last = f"step {max(complete)}" if complete else "none"

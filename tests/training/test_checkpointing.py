@@ -203,3 +203,32 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.preempted(2)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_asyncio_repeats_of_orbax_write_errors_are_dropped_and_no_other():
+    """A failed save's sibling write tasks come back from asyncio as "Task/Future exception was never
+    retrieved" with a traceback each; the checkpointing module drops those for Orbax's own frames only."""
+    import logging
+
+    from openvision_max.training import checkpointing
+
+    def raised_in(filename):
+        namespace = {}
+        exec(compile("def write():\n    raise OSError(28, 'No space left on device')\n", filename, "exec"), namespace)
+        try:
+            namespace["write"]()
+        except OSError as e:
+            return e
+
+    def record(message, error):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                                 (type(error), error, error.__traceback__))
+
+    orbax_error = raised_in(os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py"))
+    own_error = raised_in(os.path.join(os.sep, "site-packages", "mine", "writer.py"))
+    keeps = logging.getLogger("asyncio").filter
+    assert any(isinstance(f, checkpointing._OrbaxUnretrievedErrors) for f in logging.getLogger("asyncio").filters)
+    assert not keeps(record("Task exception was never retrieved\nfuture: <Task finished>", orbax_error))
+    assert not keeps(record("Future exception was never retrieved\nfuture: <_GatheringFuture>", orbax_error))
+    assert keeps(record("Task exception was never retrieved\nfuture: <Task finished>", own_error))
+    assert keeps(record("Exception in callback write()", orbax_error))
