@@ -78,14 +78,15 @@ sys.unraisablehook = _drop_closed_loop_noise
 
 
 class _OrbaxUnretrievedErrors(logging.Filter):
-    """Drops asyncio's "Task/Future exception was never retrieved" for Orbax's own write tasks: when one write
-    of a save fails, the save's error reaches the trainer (which says it once), and the sibling writes that
-    failed too are reported again with a traceback each when they are collected, at any time, often before
-    the trainer has seen the first (so the filter is in place from the start, not from the failure on)."""
-    PREFIXES = ("Task exception was never retrieved", "Future exception was never retrieved")
+    """Drops asyncio's "<class> exception was never retrieved" for Orbax's own write tasks and the gathers around
+    them: when one write of a save fails, the save's error reaches the trainer (which says it once), and the
+    sibling writes and gathers that failed too are reported again with a traceback each when they are collected,
+    at any time, often before the trainer has seen the first (so the filter is in place from import on)."""
+    # asyncio names the future's class first: Task, Future, _GatheringFuture (a failed `gather`), or a subclass.
+    UNRETRIEVED = re.compile(r"\w+ exception was never retrieved\b")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith(self.PREFIXES) or not record.exc_info:
+        if not self.UNRETRIEVED.match(record.getMessage()) or not record.exc_info:
             return True
         tb = record.exc_info[2]
         while tb is not None:
