@@ -8,6 +8,7 @@ Shapes: B batch, T sequence, D width, H heads, K head dim, M MLP width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -21,6 +22,46 @@ from openvision_max.models import attention as attention_lib
 Dtype = Any
 LN_EPS = 1e-6
 BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+# --- Dense layers ------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, in_axes: int) -> jax.Array:
+    """tensordot(x, kernel, in_axes) + bias, in x's dtype (kernel and bias already cast to it), in the forms
+    XLA's CPU backend runs fastest; the products and gradients of autodiff of the plain form, every dot
+    accumulating in fp32 and rounded once to the dtype, forward and backward:
+
+    - bf16 dots with an fp32 result run there at about twice its fp32 rate, those with a bf16 result below
+      the fp32 rate; autodiff of the fp32-result form would feed its fp32 cotangent to the backward dots (mixed
+      fp32 x bf16 dots, run in fp32), so the backward dots here take the cotangent in x's dtype, which holds
+      it exactly.
+    - The bias gradient is an explicit fp32 sum: autodiff's sum inside the backward scan is rewritten by the
+      CPU compiler into a reduce-window (pairwise summation) that runs 40x slower there.
+
+    Elsewhere `Dense` keeps the plain form: TPUs and GPUs accumulate bf16 dots in fp32 either way, and the
+    TPU compiler's cost model put these forms 1.7% behind it (docs/performance.md).
+    """
+    return _dense_fwd(x, kernel, bias, in_axes)[0]
+
+
+def _dense_fwd(x, kernel, bias, in_axes):
+    y = jnp.tensordot(x, kernel, axes=in_axes, preferred_element_type=jnp.float32)
+    return (y.astype(x.dtype) + bias), (x, kernel)
+
+
+def _dense_bwd(in_axes, residuals, g):
+    x, kernel = residuals
+    out_ndim, batch_ndim = kernel.ndim - in_axes, x.ndim - in_axes
+    g_out = tuple(range(g.ndim - out_ndim, g.ndim))
+    batch = tuple(range(batch_ndim))
+    d_x = jnp.tensordot(g, kernel, axes=(g_out, tuple(range(in_axes, kernel.ndim))),
+                        preferred_element_type=jnp.float32)
+    d_kernel = jnp.tensordot(x, g, axes=(batch, batch), preferred_element_type=jnp.float32)
+    d_bias = jnp.sum(g.astype(jnp.float32), axis=batch)
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias.astype(g.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def logical(init, names: tuple[Optional[str], ...]):
@@ -45,6 +86,10 @@ def layer_norm(name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.Lay
 # backward pass (everything else is recomputed).
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 OUT_NAMES = ("out_proj",)
+MLP_NAMES = ("mlp1", "mlp2")
+# Every weight matmul's output, by name: jax's dots_with_no_batch_dims policies would save the fp32 results
+# inside `dense` (twice the bytes of its bf16 outputs).
+DENSE_NAMES = (*QKV_NAMES, *OUT_NAMES, *MLP_NAMES)
 _HOST = dict(offload_src="device", offload_dst="pinned_host")
 
 
@@ -54,11 +99,12 @@ def remat_policy(name: str):
     return {
         "none": None,
         "full": cp.nothing_saveable,
-        "minimal": cp.dots_with_no_batch_dims_saveable,  # every weight matmul output
+        "minimal": cp.save_only_these_names(*DENSE_NAMES),  # every weight matmul output
         "save_qkv_proj": cp.save_only_these_names(*QKV_NAMES),
         "save_out_proj": cp.save_only_these_names(*OUT_NAMES),
         "save_dot_except_mlp": cp.save_only_these_names(*QKV_NAMES, *OUT_NAMES),
-        "minimal_offloaded": cp.offload_dot_with_no_batch_dims(**_HOST),
+        "minimal_offloaded": cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=DENSE_NAMES, **_HOST),
         "save_qkv_proj_offloaded": cp.save_and_offload_only_these_names(
             names_which_can_be_saved=(), names_which_can_be_offloaded=QKV_NAMES, **_HOST),
         "save_out_proj_offloaded": cp.save_and_offload_only_these_names(
@@ -78,6 +124,7 @@ class StackConfig:
     attention: str
     dtype: str
     gelu_tanh: bool              # text and decoder use the tanh approximation, vision the exact GELU
+    cpu_dense: bool = False      # the weight matmuls in `dense`'s forms (for XLA's CPU backend)
     prefix_len: Optional[int] = None  # prefix-LM mask (decoder); None = bidirectional
     attention_options: tuple[tuple[str, Any], ...] = ()  # keyword options of the attention kind (flash blocks)
 
@@ -92,19 +139,20 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        kernel, bias = nn.initializers.xavier_uniform(), nn.initializers.normal(1e-6)
-        h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name="fc1",
-                     kernel_init=logical(kernel, ("embed", "mlp")), bias_init=logical(bias, ("mlp",)))(x)
+        inits = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6),
+                     cpu_forms=cfg.cpu_dense)
+        h = Dense((cfg.mlp_dim,), 1, ("embed", "mlp"), ("mlp",), cfg.compute_dtype, name="fc1", **inits)(x)
         h = checkpoint_name(h, "mlp1")
         h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         h = nn.gelu(h, approximate=cfg.gelu_tanh)
-        out = nn.Dense(cfg.width, dtype=cfg.compute_dtype, name="fc2",
-                       kernel_init=logical(kernel, ("mlp", "embed")), bias_init=logical(bias, ("embed",)))(h)
+        out = Dense((cfg.width,), 1, ("mlp", "embed"), ("embed",), cfg.compute_dtype, name="fc2", **inits)(h)
         return checkpoint_name(out, "mlp2")
 
 
-class HeadProjection(nn.Module):
-    """Dense layer between [..., D] and [..., H, K] with a kernel stored in its multi-axis shape.
+class Dense(nn.Module):
+    """Dense layer from the last `in_axes` axes of x to `features` (e.g. [..., D] -> [..., H, K] for the
+    attention heads) with fp32 parameters, the kernel stored in its multi-axis shape; with `cpu_forms`,
+    computed by `dense`.
 
     (flax's DenseGeneral initialises a flat kernel and reshapes it, which breaks its logical names.)
     """
@@ -113,14 +161,20 @@ class HeadProjection(nn.Module):
     kernel_names: tuple[str, ...]
     bias_names: tuple[str, ...]
     dtype: Dtype
+    cpu_forms: bool
+    kernel_init: Any = nn.initializers.normal(0.02)
+    bias_init: Any = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (*x.shape[x.ndim - self.in_axes:], *self.features)
-        kernel = self.param("kernel", logical(nn.initializers.normal(0.02), self.kernel_names), shape)
-        bias = self.param("bias", logical(nn.initializers.zeros, self.bias_names), self.features)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_axes)
-        return y + bias.astype(self.dtype)
+        kernel = self.param("kernel", logical(self.kernel_init, self.kernel_names), shape)
+        bias = self.param("bias", logical(self.bias_init, self.bias_names), self.features)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        if self.cpu_forms:
+            return dense(x, kernel, bias, self.in_axes)
+        y = jnp.tensordot(x, kernel, axes=self.in_axes)
+        return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
 class Attention(nn.Module):
@@ -135,8 +189,8 @@ class Attention(nn.Module):
         qkv_names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
         def project(name: str, source: jax.Array) -> jax.Array:
-            y = HeadProjection((heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
-                               cfg.compute_dtype, name=name)(source)
+            y = Dense((heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"), cfg.compute_dtype,
+                      cfg.cpu_dense, name=name)(source)
             return constrain(checkpoint_name(y, name + "_proj"), qkv_names)
 
         source = x if context is None else context
@@ -147,8 +201,8 @@ class Attention(nn.Module):
         else:
             out = attention_lib.dot_product(q, k, v, prefix_len=None)
         out = constrain(out, qkv_names)
-        out = HeadProjection((cfg.width,), 2, ("heads", "kv", "embed"), ("embed",), cfg.compute_dtype,
-                             name="out")(out)
+        out = Dense((cfg.width,), 2, ("heads", "kv", "embed"), ("embed",), cfg.compute_dtype, cfg.cpu_dense,
+                    name="out")(out)
         return checkpoint_name(out, "out_proj")
 
 

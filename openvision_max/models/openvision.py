@@ -106,7 +106,8 @@ def stack_config(cfg: Config, name: str, *, gelu_tanh: bool) -> StackConfig:
     return StackConfig(
         width=tower.width, depth=tower.depth, mlp_dim=tower.mlp_dim, num_heads=tower.num_heads,
         remat_policy=getattr(cfg.derived, f"{name}_remat_policy"), scan_layers=cfg.scan_layers,
-        attention=kind, dtype=cfg.dtype, gelu_tanh=gelu_tanh, attention_options=attention.options(cfg, kind))
+        attention=kind, dtype=cfg.dtype, gelu_tanh=gelu_tanh, attention_options=attention.options(cfg, kind),
+        cpu_dense=cfg.derived.platform == "cpu")
 
 
 def build(cfg: Config) -> OpenVision:
